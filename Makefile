@@ -1,0 +1,33 @@
+# prompt-snake: one command to set up and run the demo, one to set up and pass the tests.
+#   make demo   - create .venv, install, build the embedded demo and run it (no servers)
+#   make test   - create .venv, install, run the test suite (tests start their own servers)
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: setup test demo dryrun clean-demo
+
+setup: $(STAMP)
+
+# Reinstall only when the pins change (pyproject.toml newer than the stamp).
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[services,test]'
+	touch $(STAMP)
+
+# pytest's own exit code is kept in .test-exit-code for .ci/run; 5 = no tests ran.
+test: setup
+	@rm -f .test-exit-code
+	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; echo $$rc > .test-exit-code; \
+	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing"; fi; \
+	  exit $$rc
+
+demo: setup
+	$(PY) scripts/demo.py
+
+clean-demo:
+	rm -rf demo results work_area visits logs benchmarks .snakemake

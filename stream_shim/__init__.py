@@ -1,0 +1,1 @@
+"""The stream shim: Kafka next_visit and raw-arrival events to Snakemake targets."""
