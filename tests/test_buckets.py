@@ -12,6 +12,7 @@ def _exercise(bucket) -> None:
     bucket.put("a/c/raw2.fits", b"second")
     bucket.put("z/other.json", b"{}")
     assert bucket.get("a/b/raw1.fits") == b"first"
+    assert bucket.read_head("a/c/raw2.fits", 3) == b"sec"
     assert bucket.exists("a/c/raw2.fits")
     assert not bucket.exists("a/c/missing.fits")
     assert bucket.list("a/") == ["a/b/raw1.fits", "a/c/raw2.fits"]

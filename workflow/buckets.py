@@ -34,6 +34,8 @@ class Bucket(Protocol):
 
     def get(self, key: str) -> bytes: ...
 
+    def read_head(self, key: str, nbytes: int) -> bytes: ...
+
     def exists(self, key: str) -> bool: ...
 
     def list(self, prefix: str = "") -> list[str]: ...
@@ -71,6 +73,14 @@ class LocalBucket:
         """Read an object; `FileNotFoundError` names bucket and key if absent."""
         try:
             return self._path(key).read_bytes()
+        except FileNotFoundError as exc:
+            raise FileNotFoundError(f"bucket {self.name}: no object {key!r}") from exc
+
+    def read_head(self, key: str, nbytes: int) -> bytes:
+        """Read the first ``nbytes`` of an object (e.g. a FITS primary header)."""
+        try:
+            with open(self._path(key), "rb") as stream:
+                return stream.read(nbytes)
         except FileNotFoundError as exc:
             raise FileNotFoundError(f"bucket {self.name}: no object {key!r}") from exc
 
@@ -112,6 +122,14 @@ class S3Bucket:
             return self._client.get_object(Bucket=self.name, Key=key)["Body"].read()
         except self._client.exceptions.NoSuchKey as exc:
             raise FileNotFoundError(f"bucket {self.name}: no object {key!r}") from exc
+
+    def read_head(self, key: str, nbytes: int) -> bytes:
+        """Read the first ``nbytes`` of an object with a ranged GET."""
+        try:
+            response = self._client.get_object(Bucket=self.name, Key=key, Range=f"bytes=0-{nbytes - 1}")
+        except self._client.exceptions.NoSuchKey as exc:
+            raise FileNotFoundError(f"bucket {self.name}: no object {key!r}") from exc
+        return response["Body"].read()
 
     def exists(self, key: str) -> bool:
         """Return whether an object exists."""

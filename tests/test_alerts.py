@@ -1,0 +1,221 @@
+"""Tests for `workflow.alerts`: packets round-trip through a real broker and Avro files."""
+
+from __future__ import annotations
+
+import io
+import struct
+import time
+import uuid
+from pathlib import Path
+
+import astropy.time
+import fastavro
+import numpy as np
+import pandas as pd
+import pytest
+from astropy.io import fits
+from astropy.wcs import WCS
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient, NewTopic
+from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
+from lsst.dax.apdb import Apdb
+
+from stream_shim.local_services import KafkaBroker, free_port
+from workflow.alerts import (
+    SCHEMA_ID,
+    SCHEMA_VERSION,
+    AlertBuildError,
+    AlertDeliveryError,
+    AvroFileAlertSink,
+    CutoutMaker,
+    KafkaAlertSink,
+    alert_schema,
+    build_alerts,
+    deserialize_alert,
+    make_alert_sink,
+    serialize_alert,
+)
+from workflow.apdb import create_apdb, open_apdb, preload
+from workflow.association import associate_store_alert, padded_region
+from workflow.exceptions import RetriableError
+
+RA, DEC, DETECTOR = 30.0, -10.0, 9
+SHAPE = (400, 400)
+WAIT = 15.0
+
+
+def _wcs() -> WCS:
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = ["RA---TAN", "DEC--TAN"], [RA, DEC], [200.5, 200.5]
+    wcs.wcs.cd = [[-0.2 / 3600, 0.0], [0.0, 0.2 / 3600]]
+    return wcs
+
+
+def _sources(visit: int, mjd: float, rng: np.random.Generator, n: int = 6) -> pd.DataFrame:
+    """Row 0: a variable at the image centre (jittered); others random on the image."""
+    x = np.r_[199.5 + rng.normal(0, 0.2), rng.uniform(5, 395, n - 1)]
+    y = np.r_[199.5 + rng.normal(0, 0.2), rng.uniform(5, 395, n - 1)]
+    ra, dec = _wcs().all_pix2world(x, y, 0)
+    return pd.DataFrame({
+        "diaSourceId": (np.int64(visit) << 22) | (np.int64(DETECTOR) << 14) | np.arange(n, dtype=np.int64),
+        "visit": visit, "detector": DETECTOR, "midpointMjdTai": mjd, "ra": ra, "dec": dec,
+        "x": x.astype(np.float32), "y": y.astype(np.float32), "psfFlux": 800.0, "psfFluxErr": 30.0, "snr": 26.0,
+        "psfNdata": 20, "trailNdata": 0, "dipoleNdata": 0, "timeProcessedMjdTai": mjd + 0.001, "bboxSize": 15,
+        "band": "g", "isDipole": False, "pixelFlags_bad": False, "reliability": np.float32(0.9),
+    })  # fmt: skip
+
+
+def _cutouts(seed: int) -> dict[str, CutoutMaker]:
+    rng = np.random.default_rng(seed)
+    keys = ("difference", "science", "template")
+    return {k: CutoutMaker(rng.normal(0, 1, SHAPE).astype(np.float32), _wcs()) for k in keys}
+
+
+def _tai(mjd: float) -> astropy.time.Time:
+    return astropy.time.Time(mjd, format="mjd", scale="tai")
+
+
+@pytest.fixture
+def apdb(tmp_path: Path) -> Apdb:
+    create_apdb(f"sqlite:///{tmp_path}/apdb.sqlite3")
+    return open_apdb({"db_url": f"sqlite:///{tmp_path}/apdb.sqlite3"})
+
+
+def _visit(apdb: Apdb, visit: int, k: int, sink: object | None) -> object:
+    region = padded_region([RA - 0.02, RA + 0.02], [DEC - 0.02, DEC + 0.02], 50.0)
+    return associate_store_alert(apdb, _sources(visit, 60100.0 + k, np.random.default_rng(visit)),
+                                 preload(apdb, region, _tai(60100.0 + k)), visit=visit, detector=DETECTOR,
+                                 visit_time=_tai(60100.0 + k), radius_arcsec=1.0, sink=sink,
+                                 cutouts=_cutouts(visit))  # fmt: skip
+
+
+def _topic(broker: KafkaBroker) -> str:
+    topic = f"alerts-{uuid.uuid4().hex[:8]}"
+    admin = AdminClient({"bootstrap.servers": broker.bootstrap})
+    for future in admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)]).values():
+        future.result(timeout=WAIT)
+    return topic
+
+
+def _consume(broker: KafkaBroker, topic: str, count: int) -> list[bytes]:
+    consumer = Consumer({
+        "bootstrap.servers": broker.bootstrap, "group.id": f"test-{uuid.uuid4().hex}", "enable.auto.commit": False,
+        "auto.offset.reset": "earliest", "session.timeout.ms": 2000, "heartbeat.interval.ms": 500,
+    })  # fmt: skip
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+    got: list[bytes] = []
+    deadline = time.monotonic() + WAIT
+    try:
+        while len(got) < count and time.monotonic() < deadline:
+            got.extend(_poll(consumer, 0.2))
+        extra = _poll(consumer, 1.0)  # nothing beyond what we expect
+    finally:
+        consumer.close()
+    assert len(got) == count and not extra, f"got {len(got)} + {len(extra)} messages, expected {count}"
+    return got
+
+
+def _poll(consumer: Consumer, seconds: float) -> list[bytes]:
+    message = consumer.poll(seconds)
+    if message is None:
+        return []
+    assert message.error() is None, message.error()
+    return [message.value()]
+
+
+class TestSchema:
+    """Tests for the pinned schema of `workflow.alerts`."""
+
+    def test_pinned_latest_installed(self) -> None:
+        assert SCHEMA_VERSION == get_latest_schema_version() == (11, 1)
+        assert SCHEMA_ID == 1101 == Schema.from_file().get_schema_id()
+        assert alert_schema() is alert_schema()  # parsed once
+
+    def test_missing_required_field(self) -> None:
+        src = _sources(1, 60100.0, np.random.default_rng(0)).drop(columns=["bboxSize"])
+        src["diaObjectId"] = src["diaSourceId"]
+        with pytest.raises(AlertBuildError, match="'bboxSize'"):
+            build_alerts(src, pd.DataFrame({"diaObjectId": []}))
+
+    def test_framing_checked(self) -> None:
+        src = _sources(1, 60100.0, np.random.default_rng(0))
+        src["diaObjectId"] = src["diaSourceId"]
+        payload = serialize_alert(build_alerts(src, src.iloc[:0])[0])
+        assert payload[:5] == struct.pack(">bI", 0, 1101)
+        assert deserialize_alert(payload)["diaSource"]["diaSourceId"] == int(src["diaSourceId"].iloc[0])
+        with pytest.raises(AlertBuildError, match="schema id 1100"):
+            deserialize_alert(struct.pack(">bI", 0, 1100) + payload[5:])
+
+
+class TestKafka:
+    """Tests for `workflow.alerts.KafkaAlertSink` through a real broker."""
+
+    def test_round_trip(self, apdb: Apdb, kafka_broker: KafkaBroker) -> None:
+        topic = _topic(kafka_broker)
+        for k, visit in enumerate((11, 12)):
+            assert _visit(apdb, visit, k, None).store.stored
+        sink = make_alert_sink({"kafka": {"bootstrap": kafka_broker.bootstrap}, "kafka_topics": {"alerts": topic}},
+                               "unused.avro", timeout_s=WAIT)  # fmt: skip
+        assert isinstance(sink, KafkaAlertSink)
+        result = _visit(apdb, 13, 2, sink)
+        assert result.alerts is not None and result.alerts.n_alerts == 6 and result.alerts.schema_version == "11.1"
+        payloads = _consume(kafka_broker, topic, 6)
+        assert result.alerts.n_bytes == sum(len(p) for p in payloads)
+        reader = fastavro.parse_schema(Schema.from_file(get_schema_path(11, 1) + "/lsst.v11_1.alert.avsc").definition)
+        alerts = []
+        for payload in payloads:
+            magic, schema_id = struct.unpack(">bI", payload[:5])
+            assert (magic, schema_id) == (0, 1101)
+            alerts.append(fastavro.schemaless_reader(io.BytesIO(payload[5:]), reader, None))
+        sent = result.association.sources.set_index("diaSourceId")
+        assert sorted(a["diaSourceId"] for a in alerts) == sorted(sent.index.tolist())
+        variable = next(a for a in alerts if a["diaSourceId"] == int(sent.index[0]))
+        first_id = int(_sources(11, 0.0, np.random.default_rng(11))["diaSourceId"].iloc[0])
+        assert variable["diaSource"]["diaObjectId"] == variable["diaObject"]["diaObjectId"] == first_id
+        assert variable["diaObject"]["nDiaSources"] == 3
+        assert [p["visit"] for p in variable["prvDiaSources"]] == [11, 12]
+        assert all(a["prvDiaSources"] is None for a in alerts if a is not variable)
+        for key in ("cutoutDifference", "cutoutScience", "cutoutTemplate"):
+            with fits.open(io.BytesIO(variable[key])) as hdus:
+                assert hdus[0].data.shape == (30, 30)
+                ra, dec = WCS(hdus[0].header).all_pix2world(15, 15, 0)
+            assert abs(ra - variable["diaSource"]["ra"]) * 3600 < 0.5
+            assert abs(dec - variable["diaSource"]["dec"]) * 3600 < 0.5
+
+        rerun = _visit(apdb, 13, 2, sink)  # retry of a stored detector-visit sends nothing
+        assert not rerun.store.stored and rerun.alerts is None
+        _consume(kafka_broker, topic, 6)
+
+    def test_broker_down_stores_nothing(self, apdb: Apdb) -> None:
+        sink = KafkaAlertSink(f"127.0.0.1:{free_port()}", "alerts", timeout_s=2.0)
+        start = time.monotonic()
+        with pytest.raises(AlertDeliveryError, match=r"Kafka broker 127\.0\.0\.1:\d+ unreachable") as info:
+            _visit(apdb, 21, 0, sink)
+        assert isinstance(info.value, RetriableError) and time.monotonic() - start < 10
+        assert not apdb.containsVisitDetector(21, DETECTOR)
+
+    def test_unknown_topic_refused_before_store(self, apdb: Apdb, kafka_broker: KafkaBroker) -> None:
+        sink = KafkaAlertSink(kafka_broker.bootstrap, f"missing-{uuid.uuid4().hex[:8]}", timeout_s=5.0)
+        try:
+            sink.check()
+        except AlertDeliveryError as exc:  # the broker does not auto-create: refused before any write
+            assert "alert topic" in str(exc)
+        else:  # the broker auto-created it: then alerts can go there
+            assert _visit(apdb, 31, 0, sink).alerts is not None
+
+
+class TestAvroFile:
+    """Tests for `workflow.alerts.AvroFileAlertSink` (no broker configured)."""
+
+    def test_file_per_detector_visit(self, apdb: Apdb, tmp_path: Path) -> None:
+        path = tmp_path / "alerts" / "visit41_det9.avro"
+        sink = make_alert_sink({"kafka": {"bootstrap": None}, "kafka_topics": {"alerts": "x"}}, path)
+        assert isinstance(sink, AvroFileAlertSink)
+        result = _visit(apdb, 41, 0, sink)
+        with open(path, "rb") as stream:
+            records = list(fastavro.reader(stream))
+        assert len(records) == 6 == result.alerts.n_alerts and result.alerts.n_bytes == path.stat().st_size
+        assert records[0]["diaObject"]["diaObjectId"] == records[0]["diaSourceId"]
+        assert records[0]["diaSource"]["band"] == "g" and records[0]["diaSource"]["reliability"] == pytest.approx(0.9)
+        assert fits.open(io.BytesIO(records[0]["cutoutScience"]))[0].data.shape == (30, 30)
+        assert not list(path.parent.glob("*.tmp"))
