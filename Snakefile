@@ -1,8 +1,9 @@
 # prompt-snake: Rubin-style Prompt Processing, one target per detector-visit.
 #
 # Target: results/{instrument}/{day_obs}/{group}/{detector}/done.json
-# Input of a target: its fanned-out visit file visits/{instrument}/{day_obs}/{group}/{detector}.json
-# (written by the stream shim live, or by scripts/replay.py).
+# Input:  visits/{instrument}/{day_obs}/{group}/{detector}.json (the fanned-out
+#         next_visit, written by the stream shim live or by scripts/replay.py)
+# Chain:  prep, ingest -> run_pipeline -> export_outputs, apdb_load -> finish_target
 #
 # Choose the instrument with: snakemake --configfile config/instruments/<X>.yaml
 
@@ -11,18 +12,24 @@ from snakemake.utils import min_version
 min_version("9.0")
 
 
-configfile: "config/config.yaml"
-configfile: "config/pipelines.yaml"
+# Config paths are relative to this file, so a run may use any --directory.
+configfile: workflow.basedir + "/config/config.yaml"
+configfile: workflow.basedir + "/config/pipelines.yaml"
 
 
 if "instrument" not in config:
     # No --configfile named an instrument: use the default one.
-    workflow.configfile(config["default_instrument_file"])
+    workflow.configfile(workflow.basedir + "/" + config["default_instrument_file"])
 
 
 include: "rules/common.smk"
+include: "rules/prep.smk"
+include: "rules/ingest.smk"
+include: "rules/pipeline.smk"
+include: "rules/export.smk"
+include: "rules/apdb.smk"
 
 
 rule all:
     input:
-        all_visit_files(),
+        all_targets(),

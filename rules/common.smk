@@ -1,13 +1,18 @@
-# Shared setup: validate the config, constrain wildcards, list targets.
-# Logic lives in the workflow package; these are thin declarations.
-
-from pathlib import Path
+# Shared setup: validate the config, path patterns, wildcard constraints, targets.
+# Logic lives in the workflow package; this file only declares.
 
 from workflow.config import validate_loaded_config
+from workflow.target import existing_visit_files
 
 validate_loaded_config(config, [*workflow.configfiles, *workflow.overwrite_configfiles])
 
 INSTRUMENT = config["instrument"]["name"]
+
+# One detector-visit: {instrument}/{day_obs}/{group}/{detector}
+TAIL = "{instrument}/{day_obs}/{group}/{detector}"
+VISIT_FILE = config["paths"]["visits"] + "/{instrument}/{day_obs}/{group}/{detector}.json"
+WORK = config["paths"]["work"] + "/" + TAIL
+RESULT = config["paths"]["results"] + "/" + TAIL
 
 
 wildcard_constraints:
@@ -17,7 +22,15 @@ wildcard_constraints:
     detector=r"\d+",
 
 
-def all_visit_files():
-    """Per-detector visit files present for the configured instrument."""
-    root = Path(config["paths"]["visits"]) / INSTRUMENT
-    return sorted(str(p) for p in root.glob("*/*/*.json"))
+def all_targets():
+    """done.json of every visit file present for the configured instrument."""
+    return [
+        f"{config['paths']['results']}/{INSTRUMENT}/{day_obs}/{group}/{detector}/done.json"
+        for day_obs, group, detector in existing_visit_files(config["paths"]["visits"], INSTRUMENT)
+    ]
+
+
+def get_stage_records(wildcards):
+    """Stage records that a target's summary gathers (the chain's last outputs)."""
+    work = WORK.format(**wildcards)
+    return [f"{work}/{name}.json" for name in ("prep", "ingest", "pipeline", "export", "apdb")]

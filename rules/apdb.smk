@@ -1,0 +1,20 @@
+# apdb_load: association, DiaObject/DiaSource writes (one store), alerts.
+
+
+rule apdb_load:
+    input:
+        visit=VISIT_FILE,
+        prep=rules.prep.output.manifest,
+        pipeline=rules.run_pipeline.output.record,
+    output:
+        record=WORK + "/apdb.json",
+    log:
+        "logs/apdb/" + TAIL + ".log",
+    benchmark:
+        "benchmarks/apdb/" + TAIL + ".tsv"
+    group:
+        "detector_visit"
+    resources:
+        mem_mb=1000,
+    script:
+        "../scripts/apdb_load.py"

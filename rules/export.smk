@@ -1,0 +1,36 @@
+# export: selected outputs to the central repo; finish: the target's summary.
+
+
+rule export_outputs:
+    input:
+        visit=VISIT_FILE,
+        ingest=rules.ingest.output.record,
+        pipeline=rules.run_pipeline.output.record,
+    output:
+        record=WORK + "/export.json",
+    log:
+        "logs/export/" + TAIL + ".log",
+    benchmark:
+        "benchmarks/export/" + TAIL + ".tsv"
+    group:
+        "detector_visit"
+    resources:
+        mem_mb=1000,
+    script:
+        "../scripts/export_outputs.py"
+
+
+rule finish_target:
+    input:
+        visit=VISIT_FILE,
+        records=get_stage_records,
+    output:
+        done=RESULT + "/done.json",
+    log:
+        "logs/finish/" + TAIL + ".log",
+    benchmark:
+        "benchmarks/finish/" + TAIL + ".tsv"
+    group:
+        "detector_visit"
+    script:
+        "../scripts/finish_target.py"

@@ -1,0 +1,18 @@
+# ingest: wait for the raw snaps (not Snakemake inputs), download and check them.
+
+
+rule ingest:
+    input:
+        visit=VISIT_FILE,
+    output:
+        record=WORK + "/ingest.json",
+    log:
+        "logs/ingest/" + TAIL + ".log",
+    benchmark:
+        "benchmarks/ingest/" + TAIL + ".tsv"
+    group:
+        "detector_visit"
+    resources:
+        mem_mb=1000,
+    script:
+        "../scripts/ingest.py"

@@ -1,0 +1,18 @@
+# prep: stage calibs, templates and refcat shards for the visit (before raws exist).
+
+
+rule prep:
+    input:
+        visit=VISIT_FILE,
+    output:
+        manifest=WORK + "/prep.json",
+    log:
+        "logs/prep/" + TAIL + ".log",
+    benchmark:
+        "benchmarks/prep/" + TAIL + ".tsv"
+    group:
+        "detector_visit"
+    resources:
+        mem_mb=1000,
+    script:
+        "../scripts/prep.py"

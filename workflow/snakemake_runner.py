@@ -1,0 +1,85 @@
+"""Run Snakemake on a list of detector-visit targets, as a subprocess.
+
+Used by replay (batches of past visits) and the stream shim (live visits).  A
+subprocess keeps each run isolated (Snakemake's API is not re-entrant and keeps
+process-global state) and lets the caller stop it cleanly.
+"""
+
+from __future__ import annotations
+
+__all__ = ["SnakemakeRun", "snakemake_command", "run_snakemake"]
+
+import dataclasses
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from .config import PROJECT_ROOT
+
+_log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SnakemakeRun:
+    """What one Snakemake invocation did."""
+
+    returncode: int
+    seconds: float
+    targets: int
+    log_tail: str
+
+
+def snakemake_command(
+    targets: Sequence[str], *, profile: str | Path = "profiles/local", configfiles: Sequence[str | Path] = (),
+    directory: str | Path | None = None, extra: Sequence[str] = (),
+) -> list[str]:
+    """Build the Snakemake command line for some targets.
+
+    Parameters
+    ----------
+    targets : sequence of `str`
+        Target files (``results/.../done.json``), relative to ``directory``.
+    profile : `str` or `pathlib.Path`
+        Profile directory (relative paths are taken from the checkout).
+    configfiles : sequence
+        Config files merged after the Snakefile's defaults (instrument file first).
+    directory : `str` or `pathlib.Path`, optional
+        Working directory of the run, where the config's relative paths point
+        (default: the current directory).
+    extra : sequence of `str`
+        Further flags (e.g. ``--nolock``).
+    """
+    profile = Path(profile)
+    if not profile.is_absolute():
+        profile = PROJECT_ROOT / profile
+    command = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
+               "--profile", str(profile), "--directory", str(Path(directory or Path.cwd()).resolve())]
+    if configfiles:
+        command += ["--configfile", *(str(Path(c).resolve()) for c in configfiles)]
+    return [*command, *extra, "--", *targets] if targets else [*command, *extra]
+
+
+def run_snakemake(targets: Sequence[str], *, log_file: str | Path | None = None, timeout: float | None = None,
+                  **kwargs: object) -> SnakemakeRun:
+    """Run Snakemake on ``targets`` and wait for it.
+
+    The run's output goes to ``log_file`` (or is captured); a non-zero return code
+    means some targets failed (``--keep-going`` lets the others finish).
+    """
+    command = snakemake_command(targets, **kwargs)  # type: ignore[arg-type]
+    started = time.monotonic()
+    _log.info("snakemake on %d target(s)", len(targets))
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_file, "a") as log:
+            result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, timeout=timeout,
+                                    stdin=subprocess.DEVNULL)
+        tail = "\n".join(Path(log_file).read_text(errors="replace").splitlines()[-30:])
+    else:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=timeout,
+                                stdin=subprocess.DEVNULL)
+        tail = "\n".join((result.stdout + result.stderr).splitlines()[-30:])
+    return SnakemakeRun(result.returncode, time.monotonic() - started, len(targets), tail)
