@@ -80,12 +80,13 @@ def read_primary_header(data: bytes, *, where: str) -> fits.Header:
     CorruptRawError
         If the bytes do not start with a valid FITS header; names ``where``.
     """
+    end = next((i for i in range(0, len(data) - 79, 80)
+                if data[i:i + 3] == b"END" and not data[i + 3:i + 80].strip()), None)
     try:
-        text = data.decode("ascii", errors="strict")
-        end = text.find("END" + " " * 77)
-        if not text.startswith("SIMPLE") or end < 0 or end % 80:
-            raise ValueError("no SIMPLE ... END card sequence")
-        return fits.Header.fromstring(text[: end + 80])
+        if not data.startswith(b"SIMPLE") or end is None:
+            raise ValueError("no SIMPLE ... END card sequence in the first "
+                             f"{len(data)} bytes")
+        return fits.Header.fromstring(data[: end + 80].decode("ascii"))
     except (UnicodeDecodeError, ValueError) as exc:
         raise CorruptRawError(f"{where}: not a FITS file: {exc}") from exc
 
@@ -310,7 +311,7 @@ def raws_from_central_repo(config: Mapping[str, Any], visit: DetectorVisit, dest
         uri = butler.getURI(ref)
         dest = dest_dir / uri.basename()
         dest.parent.mkdir(parents=True, exist_ok=True)
-        ResourcePath(dest).transfer_from(uri, transfer="copy")
+        ResourcePath(dest).transfer_from(uri, transfer="copy", overwrite=True)
         where = f"{config['central_repo']}:{uri.basename()}"
         try:
             with fits.open(dest, memmap=False) as hdul:

@@ -1,0 +1,494 @@
+"""Camera testers: announce visits on Kafka and upload their raws, as the summit does.
+
+`upload_simulated` simulates new visits; `upload_from_repo` replays central-repo raws
+under new group ids, exposure ids and times.  Per group: publish a next_visit (JSON,
+or summit Avro with schema-registry framing), wait slew and exposure, then upload each
+detector's raw from worker processes under the key layout, any JSON sidecar after its
+image.  Sequence numbers continue after the bucket's highest of the day, so reruns
+never overwrite raws.  `exit_status` maps errors to the CLIs' exit status.
+"""
+
+from __future__ import annotations
+
+__all__ = ["BrokerUnavailableError", "NoMatchingRawsError", "exit_status", "UploadOptions", "UploadedRaw",
+           "GroupReport", "next_seq_num", "upload_simulated", "load_repo_query", "upload_from_repo"]
+
+import concurrent.futures
+import dataclasses
+import io
+import json
+import logging
+import multiprocessing
+import os
+import random
+import string
+import tempfile
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import botocore.exceptions
+from astropy.io import fits
+from astropy.time import Time, TimeDelta
+from tqdm import tqdm
+
+from .buckets import Bucket, BucketUnavailableError, open_bucket
+from .config import PROJECT_ROOT, load_config, load_yaml
+from .exceptions import ConfigError, NonRetriableError, RetriableError
+from .exposures import ExposureInfo, make_exposures
+from .instrument import Instrument
+from .raw_fits import raw_sidecar, write_raw
+from .raw_keys import RawKeyLayout, sidecar_key
+from .visit import CoordSys, Dome, NextVisit, RotSys
+
+_log = logging.getLogger(__name__)
+
+DEFAULT_POSITION = (150.1, 2.2)
+"""Default pointing (ICRS deg): the demo field of `workflow.central_repo`, where templates exist."""
+_READOUT_S = 2.0
+_HALF_DAY = TimeDelta(12 * 3600.0, format="sec")
+_Seqs = Callable[[int, int], int]  # (day_obs, count) -> first of `count` fresh sequence numbers
+_Job = tuple[int, tuple[Any, ...]]  # detector id, task arguments before (detector, late)
+_Plan = Callable[[int, _Seqs], tuple[NextVisit, list[tuple[ExposureInfo, list[_Job]]]]]
+
+
+class BrokerUnavailableError(RetriableError, ConnectionError):
+    """The Kafka broker could not be reached, or did not take a message in time."""
+
+
+class NoMatchingRawsError(NonRetriableError, LookupError):
+    """A central-repo query selected no raws to replay."""
+
+
+_EXIT_STATUS = {ConfigError: 78, NoMatchingRawsError: 66, NonRetriableError: 65, RetriableError: 75}
+
+
+def exit_status(exc: BaseException) -> int:
+    """Return the CLI exit status of an error (sysexits: 78 config, 66 no input, 65 data, 75 retry; else 1)."""
+    return next((code for cls, code in _EXIT_STATUS.items() if isinstance(exc, cls)), 1)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UploadOptions:
+    """How a tester paces and shapes its uploads.
+
+    Attributes
+    ----------
+    slew_s, exposure_s, late_delay_s : `float`
+        Waits: after the next_visit; per snap before its upload (`None`: its
+        exposure time); before the late detectors of a snap.
+    workers, avro, schema_id, kafka_timeout_s, progress
+        Upload processes; Avro (with this schema id) instead of JSON; bound on
+        reaching the broker and on each delivery; progress bar on stderr.
+    skip_detectors, late_detectors : `tuple` [`int` or `str`, ...]
+        Detector ids or names never uploaded / uploaded late.
+    survey : `str` or `None`
+        ``survey`` of the next_visits (`None`: the tester's default).
+    """
+
+    slew_s: float = 2.0
+    exposure_s: float | None = None
+    late_delay_s: float = 5.0
+    workers: int = 2
+    avro: bool = False
+    schema_id: int = 1
+    kafka_timeout_s: float = 10.0
+    progress: bool = False
+    skip_detectors: tuple[int | str, ...] = ()
+    late_detectors: tuple[int | str, ...] = ()
+    survey: str | None = None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class UploadedRaw:
+    """One raw snap uploaded: keys, detector, snap, whether late, unix time it was complete."""
+
+    key: str
+    sidecar: str | None
+    detector: int
+    snap: int
+    late: bool
+    finished: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class GroupReport:
+    """What a tester did for one group: the next_visit sent, the raws uploaded, seconds taken."""
+
+    visit: NextVisit
+    raws: tuple[UploadedRaw, ...]
+    seconds: float
+
+    @property
+    def keys(self) -> list[str]:
+        """Every object key written (images and sidecars), sorted (`list` [`str`])."""
+        return sorted([r.key for r in self.raws] + [r.sidecar for r in self.raws if r.sidecar])
+
+
+class _KafkaLog:
+    """Receive librdkafka's log lines (as the Producer's ``logger``): DEBUG, not straight to stderr."""
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        _log.debug("librdkafka: " + msg, *args)
+
+
+def _publisher(config: Mapping[str, Any], options: UploadOptions) -> Callable[[NextVisit], None]:
+    """Reach the configured broker; return a function publishing one next_visit, delivery bounded."""
+    from confluent_kafka import KafkaException, Producer
+
+    bootstrap, topic = config["kafka"]["bootstrap"], config["kafka_topics"]["next_visit"]
+    timeout = options.kafka_timeout_s
+    if not bootstrap:
+        raise ConfigError("kafka.bootstrap is null: the testers publish next_visits and need a broker "
+                          "(set it in an extra config file)")
+    errors: list[str] = []
+    try:
+        producer = Producer({"bootstrap.servers": bootstrap, "client.id": "prompt-snake-tester", "logger": _KafkaLog(),
+                             "message.timeout.ms": int(timeout * 1000), "error_cb": lambda e: errors.append(e.str())})
+        producer.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        reason = getattr(exc.args[0], "str", lambda: exc)() if exc.args else exc
+        raise BrokerUnavailableError(f"Kafka broker {bootstrap} not reachable within {timeout:g} s: {reason}") from None
+
+    def publish(visit: NextVisit) -> None:
+        results: list[Any] = []
+        try:
+            producer.produce(topic, visit.to_avro(options.schema_id) if options.avro else visit.to_json().encode(),
+                             key=visit.instrument.encode(), on_delivery=lambda error, _msg: results.append(error))
+            producer.flush(timeout + 1.0)
+        except (KafkaException, BufferError) as exc:
+            results = [exc]
+        if not results or results[0] is not None:
+            reason = getattr(results[0], "str", lambda: results[0])() if results else "no delivery report"
+            raise BrokerUnavailableError(f"next_visit {visit.groupId} not delivered to topic {topic} at {bootstrap} "
+                                         f"within {timeout:g} s: {reason}" + "".join(f" ({e})" for e in errors[-1:]))
+
+    return publish
+
+
+def next_seq_num(bucket: Bucket, layout: RawKeyLayout, day_obs: int) -> int:
+    """Return one more than the highest sequence number of ``day_obs`` among the bucket's raws (1 if none)."""
+    known, prefix = {"instrument": layout.instrument, "day_obs": str(day_obs)}, ""
+    for literal, field, _, _ in string.Formatter().parse(layout.template):
+        prefix += literal
+        if field not in known:
+            break
+        prefix += known[field]
+    highest = 0
+    for fields in filter(None, map(layout.parse, bucket.list(prefix))):
+        if fields.exposure is not None and fields.exposure // 100_000 == day_obs:
+            highest = max(highest, fields.exposure % 100_000)
+        elif fields.obs_id is not None and fields.obs_id.split("_")[2] == str(day_obs):
+            highest = max(highest, int(fields.obs_id.split("_")[3]))
+    return highest + 1
+
+
+def _detector_ids(instrument: Instrument, keys: Sequence[int | str], what: str) -> set[int]:
+    try:
+        return {instrument.detector(int(k) if str(k).isdigit() else k).id for k in keys}
+    except KeyError as exc:
+        raise ConfigError(f"{what}: {exc.args[0]}") from None
+
+
+def _new_visit(instrument: Instrument, seqs: _Seqs, index: int, *, ra: float, dec: float, rotation_deg: float,
+               physical_filter: str, exptime: float | None, n_snaps: int, survey: str,
+               slew_s: float) -> tuple[NextVisit, list[ExposureInfo]]:
+    """Plan one new group sent now: its next_visit and its snaps (new ids and times)."""
+    sent = Time.now().tai
+    start = sent + TimeDelta(slew_s, format="sec")
+    if (start - _HALF_DAY).strftime("%Y%m%d") != (sent - _HALF_DAY).strftime("%Y%m%d"):
+        start = sent  # keep the keys' day_obs equal to the next_visit's
+    snaps = make_exposures(instrument, start=start, seq_num=seqs(int((start - _HALF_DAY).strftime("%Y%m%d")), n_snaps),
+                           ra=ra, dec=dec, rotation_deg=rotation_deg, physical_filter=physical_filter, exptime=exptime,
+                           group_id=sent.isot if instrument.camera_style == "lsst" else None, n_snaps=n_snaps)
+    return NextVisit(
+        salIndex=2 if instrument.name == "LATISS" else 1, scriptSalIndex=index + 1, instrument=instrument.name,
+        groupId=snaps[0].group_id, coordinateSystem=CoordSys.ICRS, position=[ra, dec], startTime=start.unix_tai,
+        rotationSystem=RotSys.SKY, cameraAngle=rotation_deg, filters=physical_filter, dome=Dome.OPEN,
+        duration=slew_s + n_snaps * (snaps[0].exptime + _READOUT_S), nimages=n_snaps, survey=survey,
+        totalCheckpoints=0, private_sndStamp=sent.unix_tai), snaps
+
+
+# -- worker processes: one raw each ---------------------------------------------------
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(config: dict[str, Any], scale: float, seed: int, env: dict[str, str]) -> None:
+    os.environ.update(env)  # the forkserver's environment may predate the caller's credentials
+    _WORKER.update(instrument=Instrument.from_config(config, scale=scale), layout=RawKeyLayout.from_config(config),
+                   bucket=open_bucket(config, config["buckets"]["raw"]), seed=seed, sidecar=config["raw"]["sidecar"])
+
+
+def _put(header: fits.Header, encode: Callable[[str], bytes], exposure: ExposureInfo, detector: int,
+         late: bool) -> UploadedRaw:
+    """Upload one raw, then its sidecar, under the layout's key."""
+    det, bucket = _WORKER["instrument"].detector(detector), _WORKER["bucket"]
+    key = _WORKER["layout"].format(
+        instrument=exposure.instrument, day_obs=exposure.day_obs, obs_id=exposure.obs_id, detector=det.id,
+        detector_name=det.name, group=exposure.group_id, snap=exposure.snap, exposure=exposure.exposure_id,
+        physical_filter=exposure.physical_filter)
+    side = sidecar_key(key) if _WORKER["sidecar"] else None
+    try:
+        bucket.put(key, encode(key))
+        if side is not None:
+            bucket.put(side, json.dumps(raw_sidecar(header)).encode())
+    except (OSError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+        raise BucketUnavailableError(f"bucket {bucket.name}: cannot upload {key}: {exc}") from None
+    return UploadedRaw(key=key, sidecar=side, detector=det.id, snap=exposure.snap, late=late, finished=time.time())
+
+
+def _simulate_task(exposure: ExposureInfo, detector: int, late: bool) -> UploadedRaw:
+    from .simulate import simulate_raw
+
+    raw = simulate_raw(_WORKER["instrument"], detector, exposure, seed=_WORKER["seed"])
+
+    def encode(key: str) -> bytes:
+        with tempfile.TemporaryDirectory() as tmp:
+            return write_raw(Path(tmp) / "raw.fits", raw, compress=key.endswith(".fz")).read_bytes()
+
+    return _put(raw.header, encode, exposure, detector, late)
+
+
+def _replay_task(uri: str, exposure: ExposureInfo, detector: int, late: bool) -> UploadedRaw:
+    from lsst.resources import ResourcePath
+
+    with fits.open(io.BytesIO(ResourcePath(uri).read()), memmap=False) as hdul:
+        for card, value in {  # item assignment keeps the cards' comments
+            "OBSID": exposure.obs_id, "EXPID": exposure.exposure_id, "GROUPID": exposure.group_id,
+            "DAYOBS": str(exposure.day_obs), "SEQNUM": exposure.seq_num, "SNAP": exposure.snap,
+            "NSNAPS": exposure.n_snaps, "TIMESYS": "TAI", "DATE-OBS": exposure.start.isot,
+            "DATE-BEG": exposure.start.isot, "DATE-END": exposure.end.isot, "MJD-OBS": float(exposure.start.mjd),
+            "MJD-BEG": float(exposure.start.mjd), "MJD-END": float(exposure.end.mjd)}.items():
+            hdul[0].header[card] = value
+        buffer = io.BytesIO()
+        hdul.writeto(buffer)
+        header = hdul[0].header.copy()
+    return _put(header, lambda _key: buffer.getvalue(), exposure, detector, late)
+
+
+def _drive(config: Mapping[str, Any], n_groups: int, plan: _Plan, task: Callable[..., UploadedRaw],
+           options: UploadOptions, *, late: set[int], scale: float = 1.0, seed: int = 0) -> list[GroupReport]:
+    """Check bucket and broker, then per group: publish, wait, upload its detectors in worker processes."""
+    layout, bucket = RawKeyLayout.from_config(config), open_bucket(config, config["buckets"]["raw"], create=True)
+    publish, following = _publisher(config, options), {}
+
+    def seqs(day_obs: int, count: int) -> int:
+        following[day_obs] = max(following.get(day_obs, 0), next_seq_num(bucket, layout, day_obs)) + count
+        return following[day_obs] - count
+
+    context = multiprocessing.get_context("forkserver")  # workers never inherit the producer's threads
+    context.set_forkserver_preload([__name__])
+    env = {k: v for k, v in os.environ.items() if k.startswith("AWS_")}
+    pool = concurrent.futures.ProcessPoolExecutor(options.workers, mp_context=context, initializer=_init_worker,
+                                                  initargs=(dict(config), scale, seed, env))
+    reports = []
+    with pool, tqdm(total=0, unit="raw", disable=not options.progress) as bar:
+        concurrent.futures.wait([pool.submit(time.sleep, 0.1) for _ in range(options.workers)])  # start workers now
+        for index in range(n_groups):
+            visit, snaps = plan(index, seqs)
+            bar.total += sum(len(jobs) for _, jobs in snaps)
+            t0, raws = time.monotonic(), []
+            publish(visit)
+            time.sleep(options.slew_s)
+            for exposure, jobs in snaps:
+                time.sleep(exposure.exptime if options.exposure_s is None else options.exposure_s)
+                for is_late in (False, True):
+                    batch = [(det, args) for det, args in jobs if (det in late) == is_late]
+                    time.sleep(options.late_delay_s if is_late and batch else 0.0)
+                    futures = [pool.submit(task, *args, det, is_late) for det, args in batch]
+                    try:
+                        for future in concurrent.futures.as_completed(futures):
+                            raws.append(future.result())
+                            bar.update()
+                    finally:
+                        for future in futures:
+                            future.cancel()
+            reports.append(GroupReport(visit=visit, raws=tuple(raws), seconds=time.monotonic() - t0))
+            _log.info("group %s: %d raws uploaded in %.1f s", visit.groupId, len(raws), reports[-1].seconds)
+    return reports
+
+
+def upload_simulated(config: Mapping[str, Any], n_groups: int, *, options: UploadOptions = UploadOptions(),
+                     scale: float = 1.0, ra: float | None = None, dec: float | None = None, rotation_deg: float = 0.0,
+                     physical_filter: str | None = None, exptime: float | None = None,
+                     detectors: Sequence[int | str] | None = None, seed: int = 0) -> list[GroupReport]:
+    """Announce ``n_groups`` new visits and upload a simulated raw of each detector.
+
+    Parameters
+    ----------
+    config : `~collections.abc.Mapping`
+        Merged configuration (instrument, ``raw``, ``kafka``, ``kafka_topics``, ``buckets``, ``storage``).
+    n_groups : `int`
+        Number of visits.
+    options : `UploadOptions`, optional
+        Pacing, message form, workers, skipped and late detectors.
+    scale, seed, ra, dec, rotation_deg, physical_filter, exptime, detectors : optional
+        Simulation: detector shrink factor, universe seed, pointing in degrees
+        (default `DEFAULT_POSITION`, 0), filter (default the first r-band one),
+        seconds per snap (default 30 / snaps), detector ids or names (default: active).
+
+    Returns
+    -------
+    reports : `list` [`GroupReport`]
+        One per group, in order.
+
+    Raises
+    ------
+    ConfigError
+        Unknown filter or detector, or no broker configured.
+    BucketUnavailableError, BrokerUnavailableError
+        The raw bucket or the broker cannot be reached.
+    """
+    instrument = Instrument.from_config(config, scale=scale)
+    bands = instrument.filters
+    physical_filter = physical_filter or next((f for f, b in bands.items() if b == "r"), next(iter(bands)))
+    if physical_filter not in bands:
+        raise ConfigError(f"{instrument.name}: unknown physical filter {physical_filter!r}; "
+                          f"expected one of {list(bands)}")
+    wanted = (_detector_ids(instrument, detectors, "detectors") if detectors is not None
+              else {d.id for d in instrument.active_detectors()})
+    wanted -= _detector_ids(instrument, options.skip_detectors, "skipped detectors")
+    late = _detector_ids(instrument, options.late_detectors, "late detectors")
+    position = (DEFAULT_POSITION[0] if ra is None else ra, DEFAULT_POSITION[1] if dec is None else dec)
+
+    def plan(index: int, seqs: _Seqs) -> tuple[NextVisit, list[tuple[ExposureInfo, list[_Job]]]]:
+        visit, snaps = _new_visit(instrument, seqs, index, ra=position[0], dec=position[1], rotation_deg=rotation_deg,
+                                  physical_filter=physical_filter, exptime=exptime, n_snaps=instrument.snaps_per_visit,
+                                  survey=options.survey or "SURVEY", slew_s=options.slew_s)
+        return visit, [(e, [(det, (e,)) for det in sorted(wanted)]) for e in snaps]
+
+    return _drive(config, n_groups, plan, _simulate_task, options, late=late, scale=scale, seed=seed)
+
+
+# -- replay from the central repo ---------------------------------------------------------
+
+
+_QUERY_KEYS = {"instrument": str, "central_repo": str, "collections": list, "where": str, "bind": dict,
+               "config_files": list, "seed": int}
+
+
+def _under_root(path: str) -> str:
+    return path if "://" in path else str(PROJECT_ROOT / path)
+
+
+def load_repo_query(path: str | Path) -> dict[str, Any]:
+    """Read the YAML file naming what `upload_from_repo` replays.
+
+    Keys (see ``config/testers/upload_from_repo.example.yaml``): ``instrument``;
+    optional ``central_repo`` (default: the config's), ``collections`` (default
+    ``<inst>/raw/all``), ``where`` and ``bind`` (Butler query on the raws),
+    ``config_files`` merged over the instrument's, ``seed`` of the random choice.
+    Relative paths are relative to the checkout root, as in ``config/config.yaml``.
+
+    Returns
+    -------
+    query : `dict` [`str`, `~typing.Any`]
+        Every key, defaults filled in, paths resolved.
+
+    Raises
+    ------
+    ConfigError
+        If the file is missing or not YAML, a key is unknown or mistyped, or ``instrument`` is missing.
+    """
+    data = load_yaml(path)
+    for key in ("collections", "config_files"):
+        data[key] = [data[key]] if isinstance(data.get(key), str) else data.get(key, [])
+    for key, value in data.items():
+        if key not in _QUERY_KEYS:
+            raise ConfigError(f"{path}: key {key!r} is not allowed; expected one of {list(_QUERY_KEYS)}")
+        if not isinstance(value, _QUERY_KEYS[key]) and not (key == "central_repo" and value is None):
+            raise ConfigError(f"{path}: key {key!r}: expected {_QUERY_KEYS[key].__name__}, got {value!r}")
+    if "instrument" not in data:
+        raise ConfigError(f"{path}: key 'instrument' is missing; expected an instrument name")
+    return {"where": "", "bind": {}, "seed": 0, **data, "config_files": list(map(_under_root, data["config_files"])),
+            "central_repo": data.get("central_repo") and _under_root(data["central_repo"])}
+
+
+def _past_groups(butler: Any, query: Mapping[str, Any], root: str) -> list[list[tuple[Any, dict[int, Any]]]]:
+    """Return the matching groups in exposure order, each a list of (exposure record, raw refs by detector)."""
+    from .central_repo import raw_collection
+
+    collections = list(query["collections"]) or [raw_collection(query["instrument"])]
+    try:
+        refs = butler.query_datasets("raw", collections=collections, where=query["where"], bind=query["bind"],
+                                     instrument=query["instrument"], with_dimension_records=True, limit=None,
+                                     explain=False)
+    except Exception as exc:  # the Butler raises many types for bad expressions and collections
+        raise ConfigError(f"central repo {root}: query for raws in {collections} failed: {exc}") from None
+    if not refs:
+        raise NoMatchingRawsError(f"central repo {root}: no {query['instrument']} raws in {collections} "
+                                  f"match where {query['where']!r}")
+    exposures: dict[int, tuple[Any, dict[int, Any]]] = {}
+    for ref in refs:
+        record = ref.dataId.records["exposure"]
+        exposures.setdefault(record.id, (record, {}))[1][ref.dataId["detector"]] = ref
+    groups: dict[str, list[tuple[Any, dict[int, Any]]]] = {}
+    for exposure_id in sorted(exposures):
+        groups.setdefault(exposures[exposure_id][0].group, []).append(exposures[exposure_id])
+    return list(groups.values())
+
+
+def upload_from_repo(query: Mapping[str, Any], n_groups: int, *, ordered: bool = False,
+                     options: UploadOptions = UploadOptions(),
+                     extra_config_files: Sequence[str | Path] = ()) -> list[GroupReport]:
+    """Replay ``n_groups`` groups of central-repo raws as new visits.
+
+    Groups are chosen at random (seeded) or in exposure order, cycling if the query
+    has fewer.  Each replay gets a new group id, exposure ids and times, in its
+    next_visit and the raws' headers (GROUPID, EXPID, OBSID, DAYOBS, SEQNUM, SNAP,
+    DATE-*, MJD-*); pointing, filter and pixels are kept; ``survey`` is
+    ``options.survey`` or the exposure's science program.
+
+    Parameters
+    ----------
+    query : `~collections.abc.Mapping`
+        What to replay, as returned by `load_repo_query`.
+    n_groups : `int`
+        Number of visits.
+    ordered : `bool`, optional
+        Replay in exposure order instead of at random.
+    options : `UploadOptions`, optional
+        Pacing, message form, workers, skipped and late detectors.
+    extra_config_files : sequence of `str` or `pathlib.Path`, optional
+        Config files merged after the query's.
+
+    Returns
+    -------
+    reports : `list` [`GroupReport`]
+        One per group, in order.
+
+    Raises
+    ------
+    ConfigError
+        Unknown instrument or detector, bad query or config.
+    NonRetriableError
+        No repository at the path.
+    NoMatchingRawsError
+        The query selects no raws.
+    BucketUnavailableError, BrokerUnavailableError
+        The raw bucket or the broker cannot be reached.
+    """
+    from .central_repo import open_central_repo
+
+    config = load_config(instrument=query["instrument"], extra_files=[*query["config_files"], *extra_config_files])
+    instrument = Instrument.from_config(config)
+    skip = _detector_ids(instrument, options.skip_detectors, "skipped detectors")
+    late = _detector_ids(instrument, options.late_detectors, "late detectors")
+    root = query["central_repo"] or _under_root(config["central_repo"])
+    butler = open_central_repo(root)
+    groups, rng, chosen = _past_groups(butler, query, root), random.Random(query["seed"]), []
+    while len(chosen) < n_groups:
+        chosen += groups if ordered else rng.sample(groups, len(groups))
+
+    def plan(index: int, seqs: _Seqs) -> tuple[NextVisit, list[tuple[ExposureInfo, list[_Job]]]]:
+        first = chosen[index][0][0]
+        visit, snaps = _new_visit(instrument, seqs, index, ra=first.tracking_ra, dec=first.tracking_dec,
+                                  rotation_deg=first.sky_angle, physical_filter=first.physical_filter,
+                                  exptime=first.exposure_time, n_snaps=len(chosen[index]), slew_s=options.slew_s,
+                                  survey=options.survey or first.science_program or "SURVEY")
+        return visit, [(e, [(det, (butler.getURI(ref).geturl(), e)) for det, ref in sorted(refs.items())
+                            if det not in skip]) for e, (_, refs) in zip(snaps, chosen[index])]
+
+    return _drive(config, n_groups, plan, _replay_task, options, late=late)
