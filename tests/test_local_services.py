@@ -242,6 +242,23 @@ def test_start_timeout_raises_and_kills(tmp_path: Path) -> None:
     assert not process_alive(pid)
 
 
+def _identities(pids: set[int]) -> set[tuple[int, str]]:
+    """(pid, start time) of live processes: a pid reused by a new process is not ours."""
+    found = set()
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        if process_alive(pid):
+            found.add((pid, stat.rsplit(")", 1)[1].split()[19]))
+    return found
+
+
+def _still_running(before: set[tuple[int, str]]) -> list[int]:
+    return sorted(pid for pid, start in before if (pid, start) in _identities({pid}))
+
+
 @pytest.mark.parametrize("server_class", [PostgresServer, KafkaBroker, S3Server])
 def test_stop_leaves_no_process(tmp_path: Path, server_class: type[LocalServer]) -> None:
     server = server_class(tmp_path)
@@ -249,8 +266,9 @@ def test_stop_leaves_no_process(tmp_path: Path, server_class: type[LocalServer])
         pids = server.process_ids()
         assert server.pid in pids
         assert all(process_alive(pid) for pid in pids)
+        ours = _identities(pids)
     assert server.pid is None
-    assert [pid for pid in pids if process_alive(pid)] == []
+    assert _still_running(ours) == []
     server.stop()  # A second stop does nothing.
 
 
@@ -272,8 +290,9 @@ def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
     server.start()
     pids = server.process_ids()
     assert len(pids) == 3
+    ours = _identities(pids)
     server.stop()
-    assert [pid for pid in pids if process_alive(pid)] == []
+    assert _still_running(ours) == []
 
 
 def test_server_dies_with_its_parent(tmp_path: Path) -> None:
