@@ -55,7 +55,10 @@ def snakemake_command(
     profile = Path(profile)
     if not profile.is_absolute():
         profile = PROJECT_ROOT / profile
-    command = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
+    # The k8s entry point is Snakemake's own main with the kubernetes executor told
+    # not to pip-install storage plugins in every pod (workflow.k8s_executor).
+    module = "workflow.k8s_executor" if profile.name == "k8s" else "snakemake"
+    command = [sys.executable, "-m", module, "--snakefile", str(PROJECT_ROOT / "Snakefile"),
                "--profile", str(profile), "--directory", str(Path(directory or Path.cwd()).resolve())]
     if configfiles:
         command += ["--configfile", *(str(Path(c).resolve()) for c in configfiles)]
