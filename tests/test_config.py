@@ -67,7 +67,6 @@ def _hsc() -> dict:
     [
         (lambda d: d["detector"].update(gian=1.0), "key 'detector.gian' is not allowed; expected one of: amplifiers"),
         (lambda d: d["detector"].update(gain_e_per_adu="abc"), "key 'detector.gain_e_per_adu': expected number, got 'abc'"),
-        (lambda d: d["detector"].pop("nx"), "key 'detector.nx' is missing"),
         (lambda d: d["raw"].update(snaps_per_visit=3), "key 'raw.snaps_per_visit': expected maximum 2, got 3"),
         (lambda d: d["focal_plane"].update(layout="hex"), "key 'focal_plane.layout': expected one of 'grid', 'rafts', got 'hex'"),
         (lambda d: d["focal_plane"].update(columns="x"), "key 'focal_plane.columns': expected integer, got 'x'"),
@@ -75,7 +74,7 @@ def _hsc() -> dict:
         (lambda d: d["filters"][0].update(band="q"), "key 'filters.0.band': expected one of"),
         (lambda d: d["buckets"].update(raw="Bad_Bucket"), "key 'buckets.raw': expected a string matching"),
     ],
-    ids=["misspelled", "wrong-type", "missing", "too-large", "bad-layout", "layout-field-type",
+    ids=["misspelled", "wrong-type", "too-large", "bad-layout", "layout-field-type",
          "top-level-typo", "bad-band", "bad-bucket"],
 )
 def test_bad_instrument_file_names_file_key_and_expectation(tmp_path, mutate, expected):
@@ -87,6 +86,24 @@ def test_bad_instrument_file_names_file_key_and_expectation(tmp_path, mutate, ex
     message = str(info.value)
     assert message.startswith(f"{path}: ")
     assert expected in message
+
+
+def test_missing_nested_key_is_reported_on_the_merge_naming_the_files(tmp_path):
+    data = _hsc()
+    data["detector"].pop("nx")
+    path = _write(tmp_path, data)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    message = str(info.value)
+    assert message.startswith("merged configuration from [") and str(path) in message
+    assert "key 'detector.nx' is missing" in message
+
+
+def test_override_file_may_set_one_nested_key(tmp_path):
+    override = _write(tmp_path, {"raw": {"image_timeout_s": 5.0}}, "site.yaml")
+    config = load_config(instrument="HSC", extra_files=[override])
+    assert config["raw"]["image_timeout_s"] == 5.0
+    assert config["raw"]["key_template"].startswith("{instrument}/{detector}")
 
 
 def test_undefined_pipeline_is_rejected(tmp_path):

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import pytest
+from raw_uploads import make_visit, upload_raw
 
 from workflow.buckets import LocalBucket
 from workflow.config import load_config
-from workflow.exposures import exposure_from_visit
 from workflow.ingest import (
     CorruptRawError,
     RawFinder,
@@ -20,40 +19,18 @@ from workflow.ingest import (
     wait_window_s,
 )
 from workflow.instrument import Instrument
-from workflow.raw_keys import RawKeyLayout, sidecar_key
-from workflow.simulate import simulate_raw
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.raw_keys import RawKeyLayout
 
 SND = 1_795_000_000.0 + 37.0  # 2026-11-19 TAI
 
 
-def _visit(instrument: str, group: str, filters: str, angle: float = 30.0) -> NextVisit:
-    return NextVisit(
-        salIndex=1, scriptSalIndex=1, instrument=instrument, groupId=group,
-        coordinateSystem=CoordSys.ICRS, position=[150.0, 2.0], startTime=SND, rotationSystem=RotSys.SKY,
-        cameraAngle=angle, filters=filters, dome=Dome.OPEN, duration=30.0, nimages=1, survey="test",
-        totalCheckpoints=0, private_sndStamp=SND,
-    )
+def _visit(instrument: str, group: str, filters: str, angle: float = 30.0):
+    return make_visit(instrument, group, filters, snd_stamp=SND, angle=angle, ra=150.0, dec=2.0)
 
 
 def _upload(bucket, config, instrument, visit, detector, *, corrupt=False, angle=None, seq=7):
-    exposure = exposure_from_visit(instrument, visit, seq_num=seq)[0]
-    if angle is not None:
-        exposure = type(exposure)(**{**vars(exposure), "rotation_deg": angle})
-    raw = simulate_raw(instrument, detector, exposure, seed=1)
-    det = instrument.detector(detector)
-    key = RawKeyLayout.from_config(config).format(
-        instrument=instrument.name, day_obs=str(exposure.day_obs), obs_id=exposure.obs_id, detector=det.id,
-        detector_name=det.name, group=exposure.group_id, snap=exposure.snap, exposure=exposure.exposure_id,
-        physical_filter=exposure.physical_filter)
-    path = bucket.root / "tmp.fits"
-    raw.write(path)
-    data = path.read_bytes()
-    path.unlink()
-    bucket.put(key, data[: len(data) // 3] if corrupt else data)
-    if config["raw"]["sidecar"]:
-        bucket.put(sidecar_key(key), json.dumps(raw.sidecar()).encode())
-    return key
+    return upload_raw(bucket, config, instrument, visit, detector, corrupt=corrupt, rotation_deg=angle,
+                      seq_num=seq, seed=1)
 
 
 @pytest.fixture(scope="module", params=["LSSTComCamSim", "HSC"])

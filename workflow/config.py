@@ -87,6 +87,24 @@ def _schema() -> dict[str, Any]:
     return schema
 
 
+def _without_required(node: Any) -> Any:
+    """Copy a schema dropping every ``required``: one file may set only some keys."""
+    if isinstance(node, dict):
+        out = {k: _without_required(v) for k, v in node.items() if k != "required"}
+        for key in ("oneOf", "anyOf"):  # branches that only differed by "required"
+            if key in out and all(branch == {} for branch in out[key]):
+                del out[key]
+        return out
+    if isinstance(node, list):
+        return [_without_required(v) for v in node]
+    return node
+
+
+@functools.cache
+def _partial_schema() -> dict[str, Any]:
+    return _without_required(_schema())
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read one YAML config file into a mapping.
 
@@ -172,6 +190,10 @@ def _best_error(errors: list[jsonschema.ValidationError]) -> jsonschema.Validati
 def validate_file(path: str | Path, data: Mapping[str, Any]) -> None:
     """Validate one config file's content against the schema.
 
+    Keys are checked for spelling, type and range; whether every required key is
+    present is checked on the merged configuration (`validate_merged`), so an
+    override file may set a single nested key.
+
     Parameters
     ----------
     path : `str` or `pathlib.Path`
@@ -185,7 +207,7 @@ def validate_file(path: str | Path, data: Mapping[str, Any]) -> None:
         On the first (most relevant) violation, naming the file, the key and what
         was expected.
     """
-    validator = jsonschema.Draft202012Validator(_schema())
+    validator = jsonschema.Draft202012Validator(_partial_schema())
     errors = list(validator.iter_errors(dict(data)))
     if errors:
         raise ConfigError(f"{path}: {_describe_expected(_best_error(errors))}")
@@ -199,13 +221,16 @@ def validate_merged(config: Mapping[str, Any], sources: Iterable[str | Path]) ->
     ConfigError
         If a section is missing; the message lists the files that were merged.
     """
+    files = ", ".join(str(s) for s in sources)
     missing = [key for key in _schema()["x-required-merged"] if key not in config]
     if missing:
-        files = ", ".join(str(s) for s in sources)
         raise ConfigError(
             f"merged configuration from [{files}]: key(s) {', '.join(missing)} missing; "
             "expected them in config/config.yaml, config/pipelines.yaml or the instrument file"
         )
+    errors = list(jsonschema.Draft202012Validator(_schema()).iter_errors(dict(config)))
+    if errors:
+        raise ConfigError(f"merged configuration from [{files}]: {_describe_expected(_best_error(errors))}")
     defined = set(config["pipeline_definitions"])
     for node in config["pipelines"]:
         unknown = [p for p in node["pipelines"] if p not in defined]
