@@ -1,0 +1,113 @@
+"""Benchmark: Snakemake overhead per detector-visit target (1, 9 and 189 targets).
+
+Builds a tiny LSSTCam central repo (calibs and refcats only, scale 0.05), puts one
+simulated raw per detector in a local raw bucket, and runs the real workflow on
+profiles/local for 1, 9 and 189 targets.  Overhead = wall time x cores minus the
+seconds spent inside the stages (from the targets' stage records), per target:
+what Snakemake scheduling, job start-up and Python imports cost on top of the work.
+Prints JSON.
+
+Usage: python scripts/bench_workflow.py [--counts 1 9 189] [--dir DIR] [--scale 0.05]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from workflow.buckets import open_bucket
+from workflow.config import PROJECT_ROOT, instrument_config_path, load_config
+from workflow.demo_repo import build_demo_repo
+from workflow.exposures import exposure_from_visit
+from workflow.prep import instrument_for_run
+from workflow.raw_keys import RawKeyLayout, sidecar_key
+from workflow.replay import write_visit_files
+from workflow.simulate import simulate_raw
+from workflow.snakemake_runner import run_snakemake
+from workflow.summary import collect_outcomes
+from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+
+INSTRUMENT = "LSSTCam"
+
+
+def _site(run_dir: Path, scale: float) -> Path:
+    site = {"central_repo": str(run_dir / "repo"), "simulation": {"scale": scale, "seed": 0},
+            "storage": {"endpoint_url": None, "local_root": str(run_dir / "buckets")},
+            "paths": {"results": "results", "work": "work_area", "visits": "visits", "cache": str(run_dir / "cache")},
+            "apdb": {"db_url": f"sqlite:///{run_dir}/apdb.sqlite3", "association_radius_arcsec": 1.0,
+                     "preload_padding_arcsec": 50.0}}
+    path = run_dir / "site.yaml"
+    path.write_text(yaml.safe_dump(site))
+    return path
+
+
+def _visit(group: str, physical_filter: str) -> NextVisit:
+    stamp = time.time() + 37.0
+    return NextVisit(salIndex=1, scriptSalIndex=1, instrument=INSTRUMENT, groupId=group,
+                     coordinateSystem=CoordSys.ICRS, position=[150.1, 2.2], startTime=stamp,
+                     rotationSystem=RotSys.SKY, cameraAngle=0.0, filters=physical_filter, dome=Dome.OPEN,
+                     duration=0.0, nimages=1, survey="bench", totalCheckpoints=0, private_sndStamp=stamp)
+
+
+def _upload_raws(config: dict, visit: NextVisit, detectors: list[int]) -> None:
+    instrument = instrument_for_run(config)
+    bucket = open_bucket(config, config["buckets"]["raw"])
+    layout = RawKeyLayout.from_config(config)
+    exposure = exposure_from_visit(instrument, visit, seq_num=int(visit.groupId[-3:]))[0]
+    for det_id in detectors:
+        det = instrument.detector(det_id)
+        raw = simulate_raw(instrument, det_id, exposure, seed=0)
+        key = layout.format(instrument=INSTRUMENT, day_obs=str(exposure.day_obs), obs_id=exposure.obs_id,
+                            detector=det.id, detector_name=det.name, group=exposure.group_id, snap=0,
+                            exposure=exposure.exposure_id, physical_filter=exposure.physical_filter)
+        with tempfile.NamedTemporaryFile(suffix=".fits") as tmp:
+            raw.write(tmp.name)
+            bucket.put(key, Path(tmp.name).read_bytes())
+        bucket.put(sidecar_key(key), json.dumps(raw.sidecar()).encode())
+
+
+def _measure(config: dict, files: list[Path], run_dir: Path, count: int, index: int) -> dict:
+    detectors = [d.id for d in instrument_for_run(config).active_detectors()][:count]
+    visit = _visit(f"2026-11-28T02:00:00.{index:03d}", config["filters"][2]["physical_filter"])
+    _upload_raws(config, visit, detectors)
+    targets = write_visit_files(config, visit, detectors)
+    run = run_snakemake([str(t.done_file) for t in targets], configfiles=[instrument_config_path(INSTRUMENT), *files],
+                        directory=run_dir, log_file=run_dir / f"snakemake-{count}.log")
+    records = [r for r in collect_outcomes(run_dir / "results", INSTRUMENT) if r.get("group") == visit.groupId]
+    in_steps = sum(sum(v for v in r.get("stage_seconds", {}).values() if v) for r in records)
+    cores = 2
+    return {"targets": count, "returncode": run.returncode, "wall_s": round(run.seconds, 2),
+            "in_stage_s": round(in_steps, 2), "outcomes": sorted({r["outcome"] for r in records}),
+            "overhead_per_target_s": round((run.seconds * cores - in_steps) / count, 2)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--counts", type=int, nargs="+", default=[1, 9, 189])
+    parser.add_argument("--dir", default=None)
+    parser.add_argument("--scale", type=float, default=0.05)
+    args = parser.parse_args()
+    run_dir = Path(args.dir or tempfile.mkdtemp(prefix="bench-workflow-")).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    os.chdir(run_dir)
+    files = [_site(run_dir, args.scale)]
+    config = load_config(instrument=INSTRUMENT, extra_files=files)
+    started = time.monotonic()
+    build_demo_repo(config["central_repo"], [INSTRUMENT], n_visits=1, scale=args.scale, n_detectors=1,
+                    progress=False)
+    report = {"instrument": INSTRUMENT, "scale": args.scale, "repo_build_s": round(time.monotonic() - started, 1),
+              "runs": [_measure(config, files, run_dir, n, i) for i, n in enumerate(args.counts)]}
+    print(json.dumps(report, indent=2))
+    if args.dir is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
