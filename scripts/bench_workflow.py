@@ -23,7 +23,7 @@ from pathlib import Path
 import yaml
 
 from workflow.buckets import open_bucket
-from workflow.config import PROJECT_ROOT, instrument_config_path, load_config
+from workflow.config import instrument_config_path, load_config
 from workflow.demo_repo import build_demo_repo
 from workflow.exposures import exposure_from_visit
 from workflow.prep import instrument_for_run

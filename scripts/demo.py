@@ -1,68 +1,47 @@
-"""Run the embedded-default demo: everything local, no server.
+"""Run the main job on embedded defaults: no server, everything in local files.
 
-At this stage of the project the demo exercises what exists end to end: it loads
-and validates every instrument configuration, builds a next_visit message for the
-default instrument, checks it the way the stream shim will (JSON and Avro), fans it
-out into per-detector visit files, and asks Snakemake for a dry run of the targets.
-It prints only what it measured.
+1. Build (or complete) the demo central Butler repo: SQLite registry, local
+   datastore, simulated calibs, refcat, templates and the raws of past visits.
+2. Replay those visits through the Snakemake workflow on profiles/local:
+   prep -> ingest -> pipeline -> export -> APDB load (SQLite APDB, alerts to Avro files).
+3. Print the run summary, read back from the targets' outcome files.
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
-import subprocess
 import sys
 import time
-from pathlib import Path
 
-from workflow.config import PROJECT_ROOT, known_instruments, load_config
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys, parse_next_visit
+from workflow.demo_repo import build_demo_repo
+from workflow.config import PROJECT_ROOT, instrument_config_path, load_config
+from workflow.log_setup import configure_logging
+from workflow.replay import replay
+from workflow.summary import collect_outcomes, format_summary, summarize
 
 _log = logging.getLogger("demo")
+DEMO_CONFIG = PROJECT_ROOT / "config" / "demo.yaml"
 
 
-def _sample_visit(instrument: str, filter_name: str) -> NextVisit:
-    now = time.time() + 37.0  # TAI is ahead of UTC by 37 s
-    return NextVisit(
-        salIndex=2, scriptSalIndex=1, instrument=instrument,
-        groupId=time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + ".000",
-        coordinateSystem=CoordSys.ICRS, position=[150.1, 2.2], startTime=now,
-        rotationSystem=RotSys.SKY, cameraAngle=12.0, filters=filter_name, dome=Dome.OPEN,
-        duration=30.0, nimages=1, survey="demo", totalCheckpoints=0, private_sndStamp=now,
-    )
-
-
-def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in known_instruments():
-        config = load_config(instrument=name)
-        _log.info("config ok: %-14s %d filters, pipelines %s", name, len(config["filters"]),
-                  [node["pipelines"] for node in config["pipelines"]])
-    config = load_config()
-    name = config["instrument"]["name"]
-    visit = _sample_visit(name, config["filters"][0]["physical_filter"])
-    for label, payload in (("JSON", visit.to_json()), ("Avro", visit.to_avro(schema_id=1))):
-        parsed = parse_next_visit(payload, known_instruments=known_instruments())
-        assert parsed == visit, f"{label} round trip changed the visit"
-        _log.info("next_visit %s: %d bytes, parsed and validated", label, len(payload))
-
-    detectors = range(len(config["focal_plane"]["rafts"]) * len(config["focal_plane"]["sensors"]))
-    visit_dir = PROJECT_ROOT / config["paths"]["visits"] / name / visit.day_obs / visit.groupId
-    visit_dir.mkdir(parents=True, exist_ok=True)
-    for detector_visit in visit.fan_out(detectors):
-        (visit_dir / f"{detector_visit.detector}.json").write_text(detector_visit.to_json())
-    _log.info("fanned out group %s into %d visit files under %s", visit.groupId,
-              len(detectors), visit_dir.relative_to(PROJECT_ROOT))
-
-    result = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-n", "--profile", "profiles/local", "--quiet"],
-        cwd=PROJECT_ROOT, capture_output=True, text=True,
-    )
-    _log.info("snakemake dry run: exit %d%s", result.returncode,
-              "" if result.returncode == 0 else "\n" + result.stderr[-2000:])
-    _log.info("the processing rules (prep, ingest, pipeline, export, apdb) are not built yet: "
-              "nothing was processed")
-    return result.returncode
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--instrument", default="LSSTComCamSim")
+    parser.add_argument("--visits", type=int, default=3, help="past visits to build and replay")
+    args = parser.parse_args(argv)
+    instrument_file = instrument_config_path(args.instrument)
+    config = load_config(instrument_file, extra_files=[DEMO_CONFIG])
+    configure_logging(config["log_levels"], stream=sys.stderr)
+    started = time.monotonic()
+    report = build_demo_repo(config["central_repo"], [args.instrument], n_visits=args.visits,
+                             scale=config["simulation"]["scale"], seed=config["simulation"]["seed"])
+    _log.info("central repo %s ready in %.1f s: %s", config["central_repo"], report["seconds"], report["datasets"])
+    batches = replay(config, instrument_file=instrument_file, order="exposure", limit=args.visits,
+                     extra_configfiles=[DEMO_CONFIG], progress=True)
+    summary = summarize(collect_outcomes(config["paths"]["results"], args.instrument))
+    _log.info("replayed %d visit(s) in %.1f s\n%s", sum(len(b["groups"]) for b in batches),
+              time.monotonic() - started, format_summary(summary))
+    return 0 if summary["outcomes"].get("failed", 0) == 0 and summary["targets"] else 1
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
     python scripts/make_central_repo.py --instruments LSSTComCamSim HSC --repo demo/central_repo \
         [--registry-url postgresql+psycopg2://...] [--s3-root s3://bucket/repo] [--visits N] [--scale 0.125] [--detectors 9] [--bench]
 
-A thin adapter over `workflow.central_repo.build_demo_repo`.  With
+A thin adapter over `workflow.demo_repo.build_demo_repo`.  With
 ``--s3-root`` the endpoint and credentials come from ``S3_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``.  ``--bench`` prints the
 build report (seconds per stage, datasets added, counts) as JSON on stdout.
@@ -17,7 +17,7 @@ import json
 import logging
 import sys
 
-from workflow.central_repo import build_demo_repo
+from workflow.demo_repo import build_demo_repo
 from workflow.config import PROJECT_ROOT, load_config
 
 _log = logging.getLogger("make_central_repo")

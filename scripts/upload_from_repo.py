@@ -3,7 +3,7 @@
     python scripts/upload_from_repo.py CONFIG N_GROUPS [--ordered] [--seed N] [--config-file extra.yaml]
         [--avro] [--slew-s 2] [--exposure-s S] [--workers N]
 
-A thin adapter over `workflow.testers.upload_from_repo`.  CONFIG is a YAML file
+A thin adapter over `workflow.testers_replay.upload_from_repo`.  CONFIG is a YAML file
 naming the instrument, the central repo and a Butler query for raws; see
 ``config/testers/upload_from_repo.example.yaml``.  Groups are chosen at random
 (seeded) unless ``--ordered``.  Prints one line per group; errors are one line on
@@ -17,7 +17,8 @@ import logging
 import sys
 
 from workflow.log_setup import configure_logging
-from workflow.testers import UploadOptions, exit_status, load_repo_query, upload_from_repo
+from workflow.testers import UploadOptions, exit_status
+from workflow.testers_replay import load_repo_query, upload_from_repo
 
 _log = logging.getLogger("upload_from_repo")
 

@@ -1,4 +1,5 @@
-"""Tests for `workflow.central_repo`, `workflow.butler_formatters` and ``scripts/make_central_repo.py``."""
+"""Tests for `workflow.central_repo`, `workflow.repo_ingest`, `workflow.repo_queries`, `workflow.demo_repo`,
+`workflow.butler_formatters` and ``scripts/make_central_repo.py``."""
 
 from __future__ import annotations
 
@@ -18,6 +19,9 @@ from astropy.wcs import WCS
 from lsst.daf.butler import Butler, DatasetType
 
 from workflow import central_repo as cr
+from workflow import demo_repo as dr
+from workflow import repo_ingest as ri
+from workflow import repo_queries as rq
 from workflow.butler_formatters import STORAGE_CLASS
 from workflow.config import PROJECT_ROOT, load_config
 from workflow.exceptions import NonRetriableError
@@ -74,16 +78,16 @@ def _build(root: Path, work: Path, **create) -> Butler:
         cr.register_instrument(butler, instrument)
         cr.register_skymap(butler, skymap, skymap.tracts_overlapping(region))
         dets, filt = [0, 1], next(iter(instrument.filters))
-        calibs = [cr.CalibInput(dataset_type="bias", detector=d, begin=T0, end=T1, source=lambda: _image(0.0))
+        calibs = [ri.CalibInput(dataset_type="bias", detector=d, begin=T0, end=T1, source=lambda: _image(0.0))
                   for d in dets]
-        calibs += [cr.CalibInput(dataset_type="flat", detector=d, begin=T0, end=T1, physical_filter=filt,
+        calibs += [ri.CalibInput(dataset_type="flat", detector=d, begin=T0, end=T1, physical_filter=filt,
                                  source=_image(1.0)) for d in dets]
-        cr.ingest_calibs(butler, name, calibs)
-        cr.ingest_refcat_shards(butler, {i: (lambda i=i: make_shard(i)) for i in shard_ids(region)})
-        cr.ingest_templates(butler, name, skymap.name, [
+        ri.ingest_calibs(butler, name, calibs)
+        ri.ingest_refcat_shards(butler, {i: (lambda i=i: make_shard(i)) for i in shard_ids(region)})
+        ri.ingest_templates(butler, name, skymap.name, [
             (p.tract, p.id, instrument.filters[filt], _image(2.0)) for p in skymap.patches_overlapping(region)])
-        cr.ingest_raws(butler, instrument, _write_raws(work / f"raws-{name}", instrument, filt, dets))
-        cr.define_defaults_chain(butler, name)
+        ri.ingest_raws(butler, instrument, _write_raws(work / f"raws-{name}", instrument, filt, dets))
+        ri.define_defaults_chain(butler, name)
     return butler
 
 
@@ -145,7 +149,7 @@ class FitsHDUListFormatterTestCase(unittest.TestCase):
 
 
 class CentralRepoQueryTestCase(unittest.TestCase):
-    """Tests for the ingest and query functions of `workflow.central_repo`."""
+    """Tests for the ingest and query functions of `workflow.repo_ingest` and `workflow.repo_queries`."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, small_repo: Path) -> None:
@@ -165,18 +169,18 @@ class CentralRepoQueryTestCase(unittest.TestCase):
         for name in FIELDS:
             with self.subTest(instrument=name):
                 filt = next(iter(_instrument(name).filters))
-                bias = cr.find_calib(self.butler, name, "bias", 0, INSIDE)
+                bias = rq.find_calib(self.butler, name, "bias", 0, INSIDE)
                 self.assertEqual(bias.run, f"{name}/calib/bias/20250101T000000")
-                flat = cr.find_calib(self.butler, name, "flat", 1, INSIDE, physical_filter=filt)
+                flat = rq.find_calib(self.butler, name, "flat", 1, INSIDE, physical_filter=filt)
                 self.assertEqual(flat.dataId["physical_filter"], filt)
                 self.assertIsInstance(self.butler.get(flat), fits.HDUList)
                 for outside in (Time("2024-12-31T23:59:00", scale="tai"), T1):
-                    self.assertIsNone(cr.find_calib(self.butler, name, "bias", 0, outside))
-                self.assertIsNone(cr.find_calib(self.butler, name, "flat", 1, INSIDE, physical_filter="nope"))
+                    self.assertIsNone(rq.find_calib(self.butler, name, "bias", 0, outside))
+                self.assertIsNone(rq.find_calib(self.butler, name, "flat", 1, INSIDE, physical_filter="nope"))
 
     def test_refcat_shards_overlapping(self) -> None:
         region = _instrument("LSSTComCamSim").detector_region(4, *FIELDS["LSSTComCamSim"], padding_arcsec=50.0)
-        refs = cr.refcat_shards_overlapping(self.butler, region,
+        refs = rq.refcat_shards_overlapping(self.butler, region,
                                             collections=cr.defaults_collection("LSSTComCamSim"))
         self.assertEqual({ref.dataId["htm7"] for ref in refs}, set(shard_ids(region)))
         table = self.butler.get(refs[0])
@@ -184,31 +188,31 @@ class CentralRepoQueryTestCase(unittest.TestCase):
         self.assertLessEqual({"ra", "dec", "r_flux"}, set(table.colnames))
         far = sphgeom.Circle(sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(10.0, -40.0)),
                              sphgeom.Angle.fromDegrees(0.1))
-        self.assertEqual(cr.refcat_shards_overlapping(self.butler, far), [])
+        self.assertEqual(rq.refcat_shards_overlapping(self.butler, far), [])
 
     def test_templates_overlapping(self) -> None:
         instrument, skymap = _instrument("HSC"), RingsSkyMap.from_config(load_config(instrument="HSC"))
         band = instrument.filters[next(iter(instrument.filters))]
         region = instrument.detector_region(0, *FIELDS["HSC"])
-        refs = cr.templates_overlapping(self.butler, "HSC", skymap.name, region, band)
+        refs = rq.templates_overlapping(self.butler, "HSC", skymap.name, region, band)
         expected = {(p.tract, p.id) for p in skymap.patches_overlapping(region, outer=True)}
         self.assertTrue(expected)
         self.assertEqual({(r.dataId["tract"], r.dataId["patch"]) for r in refs}, expected)
-        padded = cr.templates_overlapping(self.butler, "HSC", skymap.name, region, band, padding_arcsec=1800.0)
+        padded = rq.templates_overlapping(self.butler, "HSC", skymap.name, region, band, padding_arcsec=1800.0)
         self.assertGreater(len(padded), len(refs))
-        self.assertEqual(cr.templates_overlapping(self.butler, "HSC", skymap.name, region, "u"), [])
+        self.assertEqual(rq.templates_overlapping(self.butler, "HSC", skymap.name, region, "u"), [])
 
     def test_past_exposures(self) -> None:
-        past = cr.past_exposures(self.butler, "HSC")
+        past = rq.past_exposures(self.butler, "HSC")
         ids = [e.exposure_id for e in _exposures(_instrument("HSC"), "HSC-G")]
         self.assertEqual([p.record.id for p in past], ids)
         self.assertEqual([r.dataId["detector"] for r in past[0].raws], [0, 1])
         self.assertEqual(past[0].record.tracking_ra, FIELDS["HSC"][0])
-        self.assertEqual(len(cr.past_exposures(self.butler, "HSC", order="random", limit=2, seed=1)), 2)
-        shuffled = cr.past_exposures(self.butler, "HSC", order="random", seed=3)
+        self.assertEqual(len(rq.past_exposures(self.butler, "HSC", order="random", limit=2, seed=1)), 2)
+        shuffled = rq.past_exposures(self.butler, "HSC", order="random", seed=3)
         self.assertEqual(sorted(p.record.id for p in shuffled), ids)
         with self.assertRaisesRegex(ValueError, "HSC: unknown replay order 'bogus'"):
-            cr.past_exposures(self.butler, "HSC", order="bogus")
+            rq.past_exposures(self.butler, "HSC", order="bogus")
 
     def test_visit_records(self) -> None:
         info = _exposures(_instrument("LSSTComCamSim"), "u_02")[0]
@@ -233,12 +237,12 @@ class CentralRepoQueryTestCase(unittest.TestCase):
 
 
 class RawHeaderTestCase(unittest.TestCase):
-    """Tests for `workflow.central_repo.exposure_info_from_header` and repo opening errors."""
+    """Tests for `workflow.repo_ingest.exposure_info_from_header` and repo opening errors."""
 
     def test_simulator_header_round_trip(self) -> None:
         instrument = _instrument("LSSTComCamSim")
         info = _exposures(instrument, "r_03")[1]
-        parsed, detector = cr.exposure_info_from_header(raw_header(instrument, 4, info))
+        parsed, detector = ri.exposure_info_from_header(raw_header(instrument, 4, info))
         self.assertEqual(detector, 4)
         self.assertEqual(parsed.exposure_id, info.exposure_id)
         self.assertEqual((parsed.obs_id, parsed.group_id, parsed.day_obs), (info.obs_id, info.group_id, info.day_obs))
@@ -246,9 +250,9 @@ class RawHeaderTestCase(unittest.TestCase):
 
     def test_bad_headers(self) -> None:
         with self.assertRaisesRegex(NonRetriableError, r"^x\.fits: raw header has no boresight card"):
-            cr.exposure_info_from_header({}, path="x.fits")
+            ri.exposure_info_from_header({}, path="x.fits")
         with self.assertRaisesRegex(NonRetriableError, r"^x\.fits: bad or missing raw header card: 'MJD-OBS'"):
-            cr.exposure_info_from_header({"RA": 1.0, "DEC": 2.0}, path="x.fits")
+            ri.exposure_info_from_header({"RA": 1.0, "DEC": 2.0}, path="x.fits")
 
     def test_open_missing(self) -> None:
         with self.assertRaisesRegex(NonRetriableError, "no Butler repository"):
@@ -256,7 +260,7 @@ class RawHeaderTestCase(unittest.TestCase):
 
 
 class CalibCertificationTestCase(unittest.TestCase):
-    """Tests for `workflow.central_repo.ingest_calibs` validity ranges."""
+    """Tests for `workflow.repo_ingest.ingest_calibs` validity ranges."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, tmp_path: Path) -> None:
@@ -265,18 +269,18 @@ class CalibCertificationTestCase(unittest.TestCase):
 
     def test_epochs_and_overlap(self) -> None:
         later = Time("2025-03-01T00:00:00", scale="tai")
-        calibs = [cr.CalibInput(dataset_type="bias", detector=2, begin=T0, end=T1, source=_image(1.0)),
-                  cr.CalibInput(dataset_type="bias", detector=2, begin=T1, end=later, source=_image(2.0))]
-        self.assertEqual(cr.ingest_calibs(self.butler, "LSSTComCamSim", calibs), 2)
-        self.assertEqual(cr.ingest_calibs(self.butler, "LSSTComCamSim", calibs), 0)
+        calibs = [ri.CalibInput(dataset_type="bias", detector=2, begin=T0, end=T1, source=_image(1.0)),
+                  ri.CalibInput(dataset_type="bias", detector=2, begin=T1, end=later, source=_image(2.0))]
+        self.assertEqual(ri.ingest_calibs(self.butler, "LSSTComCamSim", calibs), 2)
+        self.assertEqual(ri.ingest_calibs(self.butler, "LSSTComCamSim", calibs), 0)
         for when, value in ((INSIDE, 1.0), (T1, 2.0)):
-            ref = cr.find_calib(self.butler, "LSSTComCamSim", "bias", 2, when)
+            ref = rq.find_calib(self.butler, "LSSTComCamSim", "bias", 2, when)
             self.assertEqual(float(self.butler.get(ref)["IMAGE"].data[0, 0]), value)
-        self.assertIsNone(cr.find_calib(self.butler, "LSSTComCamSim", "bias", 2, later))
-        overlapping = cr.CalibInput(dataset_type="bias", detector=2, begin=INSIDE, end=later, source=_image(3.0))
+        self.assertIsNone(rq.find_calib(self.butler, "LSSTComCamSim", "bias", 2, later))
+        overlapping = ri.CalibInput(dataset_type="bias", detector=2, begin=INSIDE, end=later, source=_image(3.0))
         with self.assertRaisesRegex(NonRetriableError, "^LSSTComCamSim: cannot certify bias from run "
                                     "LSSTComCamSim/calib/bias/20250115T000000 into LSSTComCamSim/calib"):
-            cr.ingest_calibs(self.butler, "LSSTComCamSim", [overlapping])
+            ri.ingest_calibs(self.butler, "LSSTComCamSim", [overlapping])
 
 
 def _cli():
@@ -287,7 +291,7 @@ def _cli():
 
 
 class DemoBuildTestCase(unittest.TestCase):
-    """Tests for `workflow.central_repo.build_demo_repo` with the simulator, and its CLI."""
+    """Tests for `workflow.demo_repo.build_demo_repo` with the simulator, and its CLI."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -295,23 +299,23 @@ class DemoBuildTestCase(unittest.TestCase):
 
     def test_build_simulated_and_rerun(self) -> None:
         args = {"n_visits": 2, "n_detectors": 1, "scale": 0.05, "progress": False}
-        report = cr.build_demo_repo(self.tmp_path / "demo", ["LSSTComCamSim"], **args)
+        report = dr.build_demo_repo(self.tmp_path / "demo", ["LSSTComCamSim"], **args)
         counts = report["datasets"]
         self.assertEqual({k: counts[k] for k in ("raw", "bias", "flat", "defects")},
                          {"raw": 2, "bias": 9, "flat": 54, "defects": 9})
-        again = cr.build_demo_repo(self.tmp_path / "demo", ["LSSTComCamSim"], **args)
+        again = dr.build_demo_repo(self.tmp_path / "demo", ["LSSTComCamSim"], **args)
         self.assertEqual(again["datasets"], counts)
         self.assertEqual({s["added"] for s in again["stages"]["LSSTComCamSim"].values()}, {0})
         self._check_template_covers_raw(cr.open_central_repo(self.tmp_path / "demo"))
 
     def _check_template_covers_raw(self, butler: Butler) -> None:
-        plan = cr.plan_demo("LSSTComCamSim", n_visits=2, n_detectors=1, scale=0.05)
-        past = cr.past_exposures(butler, "LSSTComCamSim")
+        plan = dr.plan_demo("LSSTComCamSim", n_visits=2, n_detectors=1, scale=0.05)
+        past = rq.past_exposures(butler, "LSSTComCamSim")
         rec, raw_ref = past[0].record, past[0].raws[0]
         self.assertEqual(butler.get(raw_ref)[0].header["EXPID"], rec.id)
         det = raw_ref.dataId["detector"]
         pointing = (rec.tracking_ra, rec.tracking_dec, rec.sky_angle)
-        refs = cr.templates_overlapping(butler, "LSSTComCamSim", plan.skymap.name,
+        refs = rq.templates_overlapping(butler, "LSSTComCamSim", plan.skymap.name,
                                         plan.instrument.detector_region(det, *pointing, padding_arcsec=50.0),
                                         plan.instrument.band(rec.physical_filter))
         corners = plan.instrument.detector_corners(det, *pointing)
@@ -321,7 +325,7 @@ class DemoBuildTestCase(unittest.TestCase):
             x, y = WCS(image.header).all_world2pix(corners[:, 0], corners[:, 1], 0)
             covered |= (x >= 0) & (x < image.data.shape[1]) & (y >= 0) & (y < image.data.shape[0])
         self.assertTrue(covered.all())
-        flat = cr.find_calib(butler, "LSSTComCamSim", "flat", det, rec.timespan.begin,
+        flat = rq.find_calib(butler, "LSSTComCamSim", "flat", det, rec.timespan.begin,
                              physical_filter=rec.physical_filter)
         self.assertIsNotNone(flat)
 
@@ -352,8 +356,8 @@ class ServerBackedRepoTestCase(unittest.TestCase):
         self.assertEqual((counts["raw"], counts["bias"], counts["flat"]), (12, 4, 4))
         _build(root, self.tmp_path)
         self.assertEqual(cr.count_datasets(cr.open_central_repo(root)), counts)
-        self.assertIsNotNone(cr.find_calib(butler, "HSC", "bias", 1, INSIDE))
-        self.assertIsNone(cr.find_calib(butler, "HSC", "bias", 1, T1))
+        self.assertIsNotNone(rq.find_calib(butler, "HSC", "bias", 1, INSIDE))
+        self.assertIsNone(rq.find_calib(butler, "HSC", "bias", 1, T1))
         self.assertIn("postgresql", (root / "butler.yaml").read_text())
         return counts
 
@@ -373,7 +377,7 @@ class ServerBackedRepoTestCase(unittest.TestCase):
         butler = _build(root, self.tmp_path, registry_url=postgres.url, registry_namespace="central_s3",
                         datastore_s3="s3://central/repo")
         self._check(root, butler)
-        flat = cr.find_calib(butler, "HSC", "flat", 0, INSIDE, physical_filter="HSC-G")
+        flat = rq.find_calib(butler, "HSC", "flat", 0, INSIDE, physical_filter="HSC-G")
         self.assertTrue(butler.getURI(flat).geturl().startswith("s3://central/repo/"))
         self.assertIsInstance(cr.open_central_repo(root).get(flat), fits.HDUList)
         keys = [o["Key"] for o in s3.client().list_objects_v2(Bucket="central")["Contents"]]

@@ -1,4 +1,5 @@
-"""Tests for `workflow.testers` and its CLIs, scripts/upload.py and scripts/upload_from_repo.py.
+"""Tests for `workflow.testers`, `workflow.testers_replay` and their CLIs, scripts/upload.py and
+scripts/upload_from_repo.py.
 
 The testers run against the real Kafka broker and S3 server of conftest.py; the
 replay tester reads a small central repo built here (LSSTComCamSim, 2 exposures,
@@ -26,6 +27,7 @@ from confluent_kafka import Consumer, Message
 from stream_shim.filer_events import CREATED, decode_filer_event
 from stream_shim.local_services import DEFAULT_FILER_TOPIC, free_port
 from workflow import central_repo as cr
+from workflow import repo_ingest as ri
 from workflow.buckets import LocalBucket, open_bucket
 from workflow.config import PROJECT_ROOT, known_instruments, load_config
 from workflow.exceptions import ConfigError, NonRetriableError, RetriableError
@@ -35,9 +37,9 @@ from workflow.instrument import Instrument
 from workflow.raw_keys import RawKeyLayout, sidecar_key
 from workflow.simulate import simulate_raw
 from workflow.testers import (
-    BrokerUnavailableError, NoMatchingRawsError, UploadOptions, exit_status, load_repo_query, next_seq_num,
-    upload_from_repo, upload_simulated,
+    BrokerUnavailableError, NoMatchingRawsError, UploadOptions, exit_status, next_seq_num, upload_simulated,
 )
+from workflow.testers_replay import load_repo_query, upload_from_repo
 from workflow.visit import decode_next_visit, parse_next_visit
 
 INSTRUMENT = "LSSTComCamSim"
@@ -171,7 +173,7 @@ def central_repo(tmp_path_factory):
         exposures.append(exposure)
         for det in REPO_DETECTORS:
             paths.append(simulate_raw(instrument, det, exposure).write(tmp / f"{exposure.exposure_id}-{det}.fits"))
-    cr.ingest_raws(butler, instrument, paths)
+    ri.ingest_raws(butler, instrument, paths)
     return tmp / "repo", exposures
 
 

@@ -141,7 +141,8 @@ def export_outputs(
     NonRetriableError
         If an output's dataset type is unknown.
     """
-    from .central_repo import exposure_info_from_header, open_central_repo, register_exposure
+    from .central_repo import open_central_repo, register_exposure
+    from .repo_ingest import exposure_info_from_header
     from .prep import instrument_for_run
 
     selected = select_outputs(outputs, config["export"]["dataset_types"])

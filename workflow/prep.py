@@ -19,15 +19,15 @@ from typing import Any
 
 from astropy.time import Time
 
-from .central_repo import (
-    find_calib,
-    open_central_repo,
-    refcat_shards_overlapping,
-    templates_overlapping,
-)
+from .central_repo import open_central_repo
 from .exceptions import NonRetriableError
 from .instrument import Instrument
 from .node_cache import NodeCache
+from .repo_queries import (
+    find_calib,
+    refcat_shards_overlapping,
+    templates_overlapping,
+)
 from .visit import DetectorVisit
 
 _log = logging.getLogger(__name__)

@@ -73,7 +73,8 @@ def replay(
     batches : `list` [`dict`]
         Per batch: groups, targets, Snakemake return code and seconds.
     """
-    from .central_repo import open_central_repo, past_exposures
+    from .central_repo import open_central_repo
+    from .repo_queries import past_exposures
     from .prep import instrument_for_run
     from .snakemake_runner import run_snakemake
 

@@ -1,7 +1,7 @@
 """Camera testers: announce visits on Kafka and upload their raws, as the summit does.
 
-`upload_simulated` simulates new visits; `upload_from_repo` replays central-repo raws
-under new group ids, exposure ids and times.  Per group: publish a next_visit (JSON,
+`upload_simulated` simulates new visits; `workflow.testers_replay.upload_from_repo` replays
+central-repo raws under new group ids, exposure ids and times.  Per group: publish a next_visit (JSON,
 or summit Avro with schema-registry framing), wait slew and exposure, then upload each
 detector's raw from worker processes under the key layout, any JSON sidecar after its
 image.  Sequence numbers continue after the bucket's highest of the day, so reruns
@@ -11,16 +11,14 @@ never overwrite raws.  `exit_status` maps errors to the CLIs' exit status.
 from __future__ import annotations
 
 __all__ = ["BrokerUnavailableError", "NoMatchingRawsError", "exit_status", "UploadOptions", "UploadedRaw",
-           "GroupReport", "next_seq_num", "upload_simulated", "load_repo_query", "upload_from_repo"]
+           "GroupReport", "next_seq_num", "upload_simulated"]
 
 import concurrent.futures
 import dataclasses
-import io
 import json
 import logging
 import multiprocessing
 import os
-import random
 import string
 import tempfile
 import time
@@ -34,7 +32,6 @@ from astropy.time import Time, TimeDelta
 from tqdm import tqdm
 
 from .buckets import Bucket, BucketUnavailableError, open_bucket
-from .config import PROJECT_ROOT, load_config, load_yaml
 from .exceptions import ConfigError, NonRetriableError, RetriableError
 from .exposures import ExposureInfo, make_exposures
 from .instrument import Instrument
@@ -45,7 +42,7 @@ from .visit import CoordSys, Dome, NextVisit, RotSys
 _log = logging.getLogger(__name__)
 
 DEFAULT_POSITION = (150.1, 2.2)
-"""Default pointing (ICRS deg): the demo field of `workflow.central_repo`, where templates exist."""
+"""Default pointing (ICRS deg): the demo field of `workflow.demo_repo`, where templates exist."""
 _READOUT_S = 2.0
 _HALF_DAY = TimeDelta(12 * 3600.0, format="sec")
 _Seqs = Callable[[int, int], int]  # (day_obs, count) -> first of `count` fresh sequence numbers
@@ -251,23 +248,6 @@ def _simulate_task(exposure: ExposureInfo, detector: int, late: bool) -> Uploade
     return _put(raw.header, encode, exposure, detector, late)
 
 
-def _replay_task(uri: str, exposure: ExposureInfo, detector: int, late: bool) -> UploadedRaw:
-    from lsst.resources import ResourcePath
-
-    with fits.open(io.BytesIO(ResourcePath(uri).read()), memmap=False) as hdul:
-        for card, value in {  # item assignment keeps the cards' comments
-            "OBSID": exposure.obs_id, "EXPID": exposure.exposure_id, "GROUPID": exposure.group_id,
-            "DAYOBS": str(exposure.day_obs), "SEQNUM": exposure.seq_num, "SNAP": exposure.snap,
-            "NSNAPS": exposure.n_snaps, "TIMESYS": "TAI", "DATE-OBS": exposure.start.isot,
-            "DATE-BEG": exposure.start.isot, "DATE-END": exposure.end.isot, "MJD-OBS": float(exposure.start.mjd),
-            "MJD-BEG": float(exposure.start.mjd), "MJD-END": float(exposure.end.mjd)}.items():
-            hdul[0].header[card] = value
-        buffer = io.BytesIO()
-        hdul.writeto(buffer)
-        header = hdul[0].header.copy()
-    return _put(header, lambda _key: buffer.getvalue(), exposure, detector, late)
-
-
 def _drive(config: Mapping[str, Any], n_groups: int, plan: _Plan, task: Callable[..., UploadedRaw],
            options: UploadOptions, *, late: set[int], scale: float = 1.0, seed: int = 0) -> list[GroupReport]:
     """Check bucket and broker, then per group: publish, wait, upload its detectors in worker processes."""
@@ -360,135 +340,3 @@ def upload_simulated(config: Mapping[str, Any], n_groups: int, *, options: Uploa
         return visit, [(e, [(det, (e,)) for det in sorted(wanted)]) for e in snaps]
 
     return _drive(config, n_groups, plan, _simulate_task, options, late=late, scale=scale, seed=seed)
-
-
-# -- replay from the central repo ---------------------------------------------------------
-
-
-_QUERY_KEYS = {"instrument": str, "central_repo": str, "collections": list, "where": str, "bind": dict,
-               "config_files": list, "seed": int}
-
-
-def _under_root(path: str) -> str:
-    return path if "://" in path else str(PROJECT_ROOT / path)
-
-
-def load_repo_query(path: str | Path) -> dict[str, Any]:
-    """Read the YAML file naming what `upload_from_repo` replays.
-
-    Keys (see ``config/testers/upload_from_repo.example.yaml``): ``instrument``;
-    optional ``central_repo`` (default: the config's), ``collections`` (default
-    ``<inst>/raw/all``), ``where`` and ``bind`` (Butler query on the raws),
-    ``config_files`` merged over the instrument's, ``seed`` of the random choice.
-    Relative paths are relative to the checkout root, as in ``config/config.yaml``.
-
-    Returns
-    -------
-    query : `dict` [`str`, `~typing.Any`]
-        Every key, defaults filled in, paths resolved.
-
-    Raises
-    ------
-    ConfigError
-        If the file is missing or not YAML, a key is unknown or mistyped, or ``instrument`` is missing.
-    """
-    data = load_yaml(path)
-    for key in ("collections", "config_files"):
-        data[key] = [data[key]] if isinstance(data.get(key), str) else data.get(key, [])
-    for key, value in data.items():
-        if key not in _QUERY_KEYS:
-            raise ConfigError(f"{path}: key {key!r} is not allowed; expected one of {list(_QUERY_KEYS)}")
-        if not isinstance(value, _QUERY_KEYS[key]) and not (key == "central_repo" and value is None):
-            raise ConfigError(f"{path}: key {key!r}: expected {_QUERY_KEYS[key].__name__}, got {value!r}")
-    if "instrument" not in data:
-        raise ConfigError(f"{path}: key 'instrument' is missing; expected an instrument name")
-    return {"where": "", "bind": {}, "seed": 0, **data, "config_files": list(map(_under_root, data["config_files"])),
-            "central_repo": data.get("central_repo") and _under_root(data["central_repo"])}
-
-
-def _past_groups(butler: Any, query: Mapping[str, Any], root: str) -> list[list[tuple[Any, dict[int, Any]]]]:
-    """Return the matching groups in exposure order, each a list of (exposure record, raw refs by detector)."""
-    from .central_repo import raw_collection
-
-    collections = list(query["collections"]) or [raw_collection(query["instrument"])]
-    try:
-        refs = butler.query_datasets("raw", collections=collections, where=query["where"], bind=query["bind"],
-                                     instrument=query["instrument"], with_dimension_records=True, limit=None,
-                                     explain=False)
-    except Exception as exc:  # the Butler raises many types for bad expressions and collections
-        raise ConfigError(f"central repo {root}: query for raws in {collections} failed: {exc}") from None
-    if not refs:
-        raise NoMatchingRawsError(f"central repo {root}: no {query['instrument']} raws in {collections} "
-                                  f"match where {query['where']!r}")
-    exposures: dict[int, tuple[Any, dict[int, Any]]] = {}
-    for ref in refs:
-        record = ref.dataId.records["exposure"]
-        exposures.setdefault(record.id, (record, {}))[1][ref.dataId["detector"]] = ref
-    groups: dict[str, list[tuple[Any, dict[int, Any]]]] = {}
-    for exposure_id in sorted(exposures):
-        groups.setdefault(exposures[exposure_id][0].group, []).append(exposures[exposure_id])
-    return list(groups.values())
-
-
-def upload_from_repo(query: Mapping[str, Any], n_groups: int, *, ordered: bool = False,
-                     options: UploadOptions = UploadOptions(),
-                     extra_config_files: Sequence[str | Path] = ()) -> list[GroupReport]:
-    """Replay ``n_groups`` groups of central-repo raws as new visits.
-
-    Groups are chosen at random (seeded) or in exposure order, cycling if the query
-    has fewer.  Each replay gets a new group id, exposure ids and times, in its
-    next_visit and the raws' headers (GROUPID, EXPID, OBSID, DAYOBS, SEQNUM, SNAP,
-    DATE-*, MJD-*); pointing, filter and pixels are kept; ``survey`` is
-    ``options.survey`` or the exposure's science program.
-
-    Parameters
-    ----------
-    query : `~collections.abc.Mapping`
-        What to replay, as returned by `load_repo_query`.
-    n_groups : `int`
-        Number of visits.
-    ordered : `bool`, optional
-        Replay in exposure order instead of at random.
-    options : `UploadOptions`, optional
-        Pacing, message form, workers, skipped and late detectors.
-    extra_config_files : sequence of `str` or `pathlib.Path`, optional
-        Config files merged after the query's.
-
-    Returns
-    -------
-    reports : `list` [`GroupReport`]
-        One per group, in order.
-
-    Raises
-    ------
-    ConfigError
-        Unknown instrument or detector, bad query or config.
-    NonRetriableError
-        No repository at the path.
-    NoMatchingRawsError
-        The query selects no raws.
-    BucketUnavailableError, BrokerUnavailableError
-        The raw bucket or the broker cannot be reached.
-    """
-    from .central_repo import open_central_repo
-
-    config = load_config(instrument=query["instrument"], extra_files=[*query["config_files"], *extra_config_files])
-    instrument = Instrument.from_config(config)
-    skip = _detector_ids(instrument, options.skip_detectors, "skipped detectors")
-    late = _detector_ids(instrument, options.late_detectors, "late detectors")
-    root = query["central_repo"] or _under_root(config["central_repo"])
-    butler = open_central_repo(root)
-    groups, rng, chosen = _past_groups(butler, query, root), random.Random(query["seed"]), []
-    while len(chosen) < n_groups:
-        chosen += groups if ordered else rng.sample(groups, len(groups))
-
-    def plan(index: int, seqs: _Seqs) -> tuple[NextVisit, list[tuple[ExposureInfo, list[_Job]]]]:
-        first = chosen[index][0][0]
-        visit, snaps = _new_visit(instrument, seqs, index, ra=first.tracking_ra, dec=first.tracking_dec,
-                                  rotation_deg=first.sky_angle, physical_filter=first.physical_filter,
-                                  exptime=first.exposure_time, n_snaps=len(chosen[index]), slew_s=options.slew_s,
-                                  survey=options.survey or first.science_program or "SURVEY")
-        return visit, [(e, [(det, (butler.getURI(ref).geturl(), e)) for det, ref in sorted(refs.items())
-                            if det not in skip]) for e, (_, refs) in zip(snaps, chosen[index])]
-
-    return _drive(config, n_groups, plan, _replay_task, options, late=late)
