@@ -1,9 +1,13 @@
-"""Small synthetic images for the science-step tests and the benchmark.
+"""Synthetic images for the science-step tests and the benchmark.
 
-Stars are pixel-integrated circular Gaussians drawn from a synthetic
-reference catalogue; images carry sky, Poisson-like Gaussian noise and read
-noise.  Everything is seeded and plain numpy/astropy, independent of the
-project's simulator.
+Two sources.  `make_scene` and friends: stars are pixel-integrated circular
+Gaussians drawn from a synthetic reference catalogue; images carry sky,
+Poisson-like Gaussian noise and read noise; plain numpy/astropy, independent
+of the project's simulator.  `simulate_detector_visit`: one detector-visit
+from the project simulator (`workflow.simulate`, `workflow.templates`,
+`workflow.calibs`, `workflow.refcat`) turned into `ProcessingInputs` by
+`workflow.science_run.build_processing_inputs`, with its truth; `wcs_error_mas`
+and `true_zero_point` compare results with that truth.
 """
 
 from __future__ import annotations
@@ -261,3 +265,92 @@ def make_scene(
     )
     guess = offset_wcs(wcs, 6.0, -4.0, 0.05)
     return ScenePair(science, template, refcat, guess, injected)
+
+
+@dataclasses.dataclass
+class SimulatedVisit:
+    """Science inputs of one simulated detector-visit and the simulator's truth."""
+
+    inputs: object
+    raw: object
+    templates: list
+    instrument: object
+
+
+def _template_box(patch, region):  # noqa: ANN001, ANN202
+    """Tract-pixel box of ``patch`` covering a sky polygon (as `workflow.central_repo.simulated_template`)."""
+    import lsst.sphgeom as sphgeom
+
+    from workflow.amplifiers import Box as TractBox
+
+    points = [sphgeom.LonLat(v) for v in region.getVertices()]
+    ra = np.array([p.getLon().asDegrees() for p in points])
+    dec = np.array([p.getLat().asDegrees() for p in points])
+    x, y = patch.wcs.all_world2pix(ra, dec, 0)
+    outer = patch.outer_bbox
+    return TractBox(
+        max(outer.x0, outer.x0 + int(np.floor(x.min()))), max(outer.y0, outer.y0 + int(np.floor(y.min()))),
+        min(outer.x1, outer.x0 + int(np.ceil(x.max())) + 1), min(outer.y1, outer.y0 + int(np.ceil(y.max())) + 1),
+    )  # fmt: skip
+
+
+def simulate_detector_visit(
+    *, instrument: str = "LSSTComCamSim", scale: float = 0.125, detector: int = 4, seed: int = 1,
+    sky=None, options=None, field: tuple[float, float] = (150.1, 2.2), rotation_deg: float = 0.0,
+    physical_filter: str | None = None, start: str = "2025-02-01T03:00:00", templates: bool = True,
+    refcat: bool = True, padding_arcsec: float = 20.0,
+) -> SimulatedVisit:  # noqa: ANN001  # fmt: skip
+    """Simulate raw, calibs, refcat and templates of one detector-visit (no Butler).
+
+    ``sky`` (`workflow.sky_model.SkyModel`) and ``options`` (`workflow.simulate.SimOptions`)
+    are passed to the simulator; templates are rendered from the same sky.
+    """
+    from workflow.calibs import make_bias, make_defects, make_flat
+    from workflow.config import load_config
+    from workflow.exposures import make_exposures
+    from workflow.instrument import Instrument
+    from workflow.refcat import load_refcat
+    from workflow.science_run import build_processing_inputs, template_patch
+    from workflow.simulate import simulate_raw
+    from workflow.sky_model import SkyModel
+    from workflow.skymap import RingsSkyMap
+    from workflow.templates import make_template
+
+    config = load_config(instrument=instrument)
+    inst = Instrument.from_config(config, scale=scale)
+    sky = sky or SkyModel(seed=seed)
+    physical_filter = physical_filter or next(f for f, b in inst.filters.items() if b == "r")
+    band = inst.band(physical_filter)
+    exposure = make_exposures(inst, start=start, seq_num=1, ra=field[0], dec=field[1],
+                              rotation_deg=rotation_deg, physical_filter=physical_filter, n_snaps=1)[0]
+    raw = simulate_raw(inst, detector, exposure, seed=seed, sky=sky, options=options)
+    region = inst.detector_region(detector, field[0], field[1], rotation_deg, padding_arcsec=padding_arcsec)
+    made, patches = [], []
+    if templates:
+        skymap = RingsSkyMap.from_config(config)
+        for patch in skymap.patches_overlapping(region):
+            made.append(make_template(skymap, patch, band, seed=seed, sky=sky, bbox=_template_box(patch, region)))
+            patches.append(template_patch(made[-1].image, made[-1].variance, made[-1].header,
+                                          name=f"tract {patch.tract} patch {patch.id}"))
+    bias = make_bias(inst, detector, seed=seed)
+    inputs = build_processing_inputs(
+        [raw], inst.geometry, detector=detector, band=band, bias=bias.image, bias_unit=bias.header["BUNIT"],
+        flat=make_flat(inst, detector, physical_filter, seed=seed).image,
+        defects=make_defects(inst, detector, seed=seed),
+        refcat=[load_refcat(region, model=sky.refcat_model())] if refcat else [], templates=patches,
+    )  # fmt: skip
+    return SimulatedVisit(inputs=inputs, raw=raw, templates=made, instrument=inst)
+
+
+def wcs_error_mas(fitted: WCS, truth: WCS, shape: tuple[int, int], step: int = 32) -> float:
+    """Return the rms sky offset (mas) between two WCSs over a grid of image pixels."""
+    yy, xx = np.mgrid[0 : shape[0] : step, 0 : shape[1] : step]
+    r1, d1 = truth.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    r2, d2 = fitted.all_pix2world(xx.ravel(), yy.ravel(), 0)
+    dra = ((r1 - r2 + 180.0) % 360.0 - 180.0) * np.cos(np.radians(d1))
+    return float(np.sqrt(np.mean(dra**2 + (d1 - d2) ** 2)) * 3.6e6)
+
+
+def true_zero_point(raw) -> float:  # noqa: ANN001
+    """Return the AB magnitude of one post-ISR electron of a `workflow.simulate.SimulatedRaw`."""
+    return float(31.4 + 2.5 * np.log10(raw.truth.meta["e_per_nJy"]))

@@ -19,14 +19,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
-import scipy.fft as sfft
 from astropy.time import Time
 from astropy.wcs.utils import proj_plane_pixel_scales
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .exposure import BadImageError, Exposure, MaskPlane, ScienceDataError
-from .photometry import aperture_photometry, fit_psf_pair, psf_photometry, robust_std
+from .photometry import aperture_photometry, fit_psf_pair, psf_matched_filter, psf_photometry, robust_std
 from .psf import cutout_stamps
 
 if TYPE_CHECKING:
@@ -61,6 +60,10 @@ _FLAG_BITS = {
 }  # fmt: skip
 
 
+_UNUSABLE_CENTRE = int(MaskPlane.BAD | MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.EDGE)
+"""Peaks on these pixels are dropped (as Rubin's ``badSourceFlags``: defects, saturation, no data)."""
+
+
 def dia_source_ids(visit: int, detector: int, count: int) -> np.ndarray:
     """Return unique 63-bit ids: 41 bits of visit, 8 of detector, 14 of index.
 
@@ -73,21 +76,6 @@ def dia_source_ids(visit: int, detector: int, count: int) -> np.ndarray:
         message = f"cannot pack ids for visit {visit}, detector {detector}, {count} sources"
         raise ScienceDataError(_STEP, message)
     return (np.int64(visit) << 22) | (np.int64(detector) << 14) | np.arange(count, dtype=np.int64)
-
-
-def _matched_filter(image: np.ndarray, variance: np.ndarray, psf_stamp: np.ndarray) -> np.ndarray:
-    """Return the S/N map of a point source at each pixel."""
-    half = psf_stamp.shape[0] // 2
-    grid = np.zeros(image.shape, np.float32)
-    flipped = psf_stamp[::-1, ::-1].astype(np.float32)
-    grid[: half + 1, : half + 1] = flipped[half:, half:]
-    grid[: half + 1, -half:] = flipped[half:, :half]
-    grid[-half:, : half + 1] = flipped[:half, half:]
-    grid[-half:, -half:] = flipped[:half, :half]
-    product = sfft.rfft2(image, workers=1) * sfft.rfft2(grid, workers=1)
-    filtered = sfft.irfft2(product, s=image.shape, workers=1)
-    noise = np.sqrt(np.maximum(variance, 1e-12) * float((psf_stamp**2).sum()))
-    return (filtered / noise).astype(np.float32)
 
 
 def _noise_scale(snr_map: np.ndarray, clean: np.ndarray) -> float:
@@ -103,15 +91,33 @@ def _noise_scale(snr_map: np.ndarray, clean: np.ndarray) -> float:
     return scale
 
 
-def find_peaks(snr: np.ndarray, allowed: np.ndarray, threshold: float) -> pd.DataFrame:
+def _parabola_offsets(values: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Return sub-pixel offsets of the extremum of a parabola through each 3-pixel cross."""
+    center = values[iy, ix]
+    offsets = []
+    for lo, hi in ((values[iy, ix - 1], values[iy, ix + 1]), (values[iy - 1, ix], values[iy + 1, ix])):
+        curve = lo - 2.0 * center + hi
+        offsets.append(np.where(np.abs(curve) > 1e-6, 0.5 * (lo - hi) / np.where(curve == 0, 1, curve), 0.0))
+    return offsets[0], offsets[1]
+
+
+def find_peaks(
+    snr: np.ndarray, allowed: np.ndarray, threshold: float, flux: np.ndarray | None = None
+) -> pd.DataFrame:
     """Find one peak per footprint above ``+threshold`` and below ``-threshold``.
+
+    Footprints are connected pixels of ``snr`` beyond the threshold.  The peak
+    is the extremum of ``flux`` (the PSF-correlated image: the maximum-likelihood
+    position of a point source) when given, else of ``snr``; the S/N map peaks
+    off-centre on bright sources whose own photon noise is in the variance.
 
     Returns
     -------
     peaks : `pandas.DataFrame`
         ``x``, ``y`` (sub-pixel, from a parabola through the 3x3 peak), ``snr``
-        (peak value, signed), ``bbox`` (footprint box size), ``centroid_flag``.
+        (S/N at the peak, signed), ``bbox`` (footprint box size), ``centroid_flag``.
     """
+    locate = snr if flux is None else flux
     rows = []
     for sign in (1.0, -1.0):
         labels, count = ndimage.label((sign * snr > threshold) & allowed, structure=np.ones((3, 3), bool))
@@ -119,7 +125,7 @@ def find_peaks(snr: np.ndarray, allowed: np.ndarray, threshold: float) -> pd.Dat
             continue
         peaks, size = [], []
         for index, box in enumerate(ndimage.find_objects(labels), start=1):
-            values = np.where(labels[box] == index, sign * snr[box], -np.inf)
+            values = np.where(labels[box] == index, sign * locate[box], -np.inf)
             py, px = np.unravel_index(np.argmax(values), values.shape)
             peaks.append((box[0].start + py, box[1].start + px))
             size.append(max(box[0].stop - box[0].start, box[1].stop - box[1].start))
@@ -132,18 +138,13 @@ def find_peaks(snr: np.ndarray, allowed: np.ndarray, threshold: float) -> pd.Dat
     table = pd.concat(rows, ignore_index=True)
     iy = np.clip(table["iy"].to_numpy(), 1, snr.shape[0] - 2)
     ix = np.clip(table["ix"].to_numpy(), 1, snr.shape[1] - 2)
-    center = snr[iy, ix]
-    offsets = []
-    for lo, hi in ((snr[iy, ix - 1], snr[iy, ix + 1]), (snr[iy - 1, ix], snr[iy + 1, ix])):
-        curve = lo - 2.0 * center + hi
-        offsets.append(np.where(np.abs(curve) > 1e-6, 0.5 * (lo - hi) / np.where(curve == 0, 1, curve), 0.0))
-    dx, dy = offsets
+    dx, dy = _parabola_offsets(locate, ix, iy)
     bad = (np.abs(dx) > 0.75) | (np.abs(dy) > 0.75)
     return pd.DataFrame(
         {
             "x": ix + np.clip(dx, -0.5, 0.5),
             "y": iy + np.clip(dy, -0.5, 0.5),
-            "snr": center,
+            "snr": snr[iy, ix],
             "bbox": table["bbox"].to_numpy(),
             "centroid_flag": bad,
         }
@@ -201,8 +202,9 @@ def _reliability(
     score = np.exp(-np.maximum(reduced - 1.3, 0.0) / 1.5)
     score = np.where(contrast < 0.1, 0.3 * score, score)
     score = np.where(dipole, 0.2 * score, score)
-    for name, factor in (("saturatedCenter", 0.2), ("crCenter", 0.3), ("nodataCenter", 0.2), ("bad", 0.6),
-                         ("edge", 0.7), ("interpolatedCenter", 0.6), ("suspectCenter", 0.7)):  # fmt: skip
+    factors = (("saturatedCenter", 0.2), ("saturated", 0.8), ("crCenter", 0.3), ("nodataCenter", 0.2),
+               ("bad", 0.6), ("edge", 0.7), ("interpolatedCenter", 0.6), ("suspectCenter", 0.7))  # fmt: skip
+    for name, factor in factors:
         score = np.where(flags[f"pixelFlags_{name}"], score * factor, score)
     return np.clip(np.nan_to_num(score), 0.0, 1.0)
 
@@ -298,7 +300,8 @@ def detect_dia_sources(
     exposure_time : `float`, optional
         Exposure time in seconds.
     threshold : `float`
-        Detection threshold on the matched-filter S/N.
+        Detection threshold on the matched-filter S/N.  Peaks centred on
+        BAD, SAT, NO_DATA, EDGE or SUSPECT (near saturation) pixels are dropped.
     ap_radius : `float`
         Aperture radius in pixels for ``apFlux``.
     science : `workflow.exposure.Exposure`, optional
@@ -317,14 +320,17 @@ def detect_dia_sources(
         If the difference image has no finite pixel.
     """
     _check_difference(difference)
-    image = np.where(np.isfinite(difference.image), difference.image, np.float32(0.0))
+    # Masked pixels (saturated cores, defects, no data) hold no difference signal; zeroed, they do
+    # not leak into the matched filter around them.
+    usable = np.isfinite(difference.image) & ((difference.mask & _UNUSABLE_CENTRE) == 0)
+    image = np.where(usable, difference.image, np.float32(0.0))
     psf = difference.psf
-    snr_map = _matched_filter(image, difference.variance, psf.image_at(*psf.center))
+    filtered, snr_map = psf_matched_filter(image, difference.variance, psf.image_at(*psf.center))
     allowed = (difference.mask & int(MaskPlane.NO_DATA)) == 0
-    for border in (np.s_[: psf.half], np.s_[-psf.half :], np.s_[:, : psf.half], np.s_[:, -psf.half :]):
-        allowed[border] = False  # the FFT filter wraps around
     snr_map /= _noise_scale(snr_map, allowed & (difference.mask == 0))
-    peaks = find_peaks(snr_map, allowed, threshold)
+    peaks = find_peaks(snr_map, allowed, threshold, flux=filtered)
+    centre = difference.mask[np.rint(peaks["y"]).astype(int), np.rint(peaks["x"]).astype(int)]
+    peaks = peaks[(centre & (_UNUSABLE_CENTRE | int(MaskPlane.SUSPECT))) == 0].reset_index(drop=True)
     src = _positions(peaks, psf.fwhm)
     table = _measure(difference, image, peaks, src, ap_radius)
     n = len(src)

@@ -113,8 +113,9 @@ class AmpGeometry:
 
 
 def find_cosmic_rays(
-    image: np.ndarray, variance: np.ndarray, *, min_fwhm: float = 2.0, nsigma: float = 5.0, cond: float = 2.5
-) -> np.ndarray:
+    image: np.ndarray, variance: np.ndarray, *, min_fwhm: float = 2.0, nsigma: float = 5.0, cond: float = 2.5,
+    ignore: np.ndarray | None = None,
+) -> np.ndarray:  # fmt: skip
     """Flag pixels sharper than any PSF of FWHM >= ``min_fwhm`` (cosmic rays).
 
     A pixel above ``nsigma`` is a cosmic ray if, along some direction (rows,
@@ -126,6 +127,8 @@ def find_cosmic_rays(
     ----------
     image, variance : `numpy.ndarray`
         Sky-subtracted image and its variance.
+    ignore : `numpy.ndarray`, optional
+        Boolean map of pixels (already masked) that are never cosmic rays.
 
     Returns
     -------
@@ -133,7 +136,10 @@ def find_cosmic_rays(
         Boolean cosmic-ray map.
     """
     noise = np.sqrt(np.maximum(variance, 1e-12))
-    iy, ix = np.nonzero(image[1:-1, 1:-1] > nsigma * noise[1:-1, 1:-1])
+    candidates = image[1:-1, 1:-1] > nsigma * noise[1:-1, 1:-1]
+    if ignore is not None:
+        candidates &= ~ignore[1:-1, 1:-1]
+    iy, ix = np.nonzero(candidates)
     iy, ix = iy + 1, ix + 1
     p = image[iy, ix] - cond * noise[iy, ix]
     sigma = min_fwhm / 2.3548
@@ -203,6 +209,7 @@ def assemble(
     *,
     smooth_rows: int = 11,
     parallel: bool = False,
+    saturation_margin: float = 0.01,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Overscan-correct, gain-correct and assemble amplifiers into a detector image.
 
@@ -214,6 +221,10 @@ def assemble(
         Amplifier geometries, in the order of ``raw`` when it is a sequence.
     smooth_rows, parallel
         Passed to `subtract_overscan`.
+    saturation_margin : `float`
+        Pixels above ``(1 - saturation_margin) * saturation`` raw ADU are
+        flagged SAT: full-well pixels sit one per-amplifier bias offset away
+        from the ADC clip value, on either side of it.
 
     Returns
     -------
@@ -240,7 +251,7 @@ def assemble(
         single = isinstance(raw, np.ndarray)
         pixels = raw if single else check_image(raw[index], _STEP, f"raw amplifier {index}")
         data = subtract_overscan(pixels, amp, smooth_rows=smooth_rows, parallel=parallel)
-        sat = pixels[_slices(amp.data_box)] >= amp.saturation
+        sat = pixels[_slices(amp.data_box)] >= (1.0 - saturation_margin) * amp.saturation
         if amp.flip_x:
             data, sat = data[:, ::-1], sat[:, ::-1]
         if amp.flip_y:
@@ -270,10 +281,10 @@ def _apply_calibs(
 
 def _single_snap(
     raw: np.ndarray | Sequence[np.ndarray], amps: Sequence[AmpGeometry], bias: Any, flat: Any,
-    bad_columns: Sequence[int] | None, smooth_rows: int, parallel: bool,
+    bad_columns: Sequence[int] | None, defects: Sequence[Box] | None, options: dict[str, Any],
 ) -> Exposure:  # fmt: skip
-    """ISR of one snap up to flat fielding and bad-column masking."""
-    image, read_var, saturated = assemble(raw, amps, smooth_rows=smooth_rows, parallel=parallel)
+    """ISR of one snap up to flat fielding and defect masking."""
+    image, read_var, saturated = assemble(raw, amps, **options)
     mask = np.zeros(image.shape, dtype=np.int32)
     mask[saturated] |= MaskPlane.SAT
     nonfinite = ~np.isfinite(image)
@@ -284,6 +295,8 @@ def _single_snap(
     variance = _apply_calibs(image, read_var, mask, bias, flat)
     columns = [c for c in (bad_columns or ()) if 0 <= c < mask.shape[1]]
     mask[:, columns] |= MaskPlane.BAD
+    for box in defects or ():
+        mask[max(box.y0, 0) : max(box.y1, 0), max(box.x0, 0) : max(box.x1, 0)] |= MaskPlane.BAD
     return Exposure(image=image, mask=mask, variance=variance)
 
 
@@ -331,6 +344,8 @@ def run_isr(
     min_fwhm: float = 2.0,
     smooth_rows: int = 11,
     parallel_overscan: bool = False,
+    saturation_margin: float = 0.01,
+    defects: Sequence[Box] | None = None,
 ) -> Exposure:
     """Run instrument signature removal on the snaps of one detector-visit.
 
@@ -354,6 +369,10 @@ def run_isr(
         Smallest PSF FWHM in pixels; sharper features are cosmic rays.
     smooth_rows, parallel_overscan
         Overscan options, see `subtract_overscan`.
+    saturation_margin : `float`
+        See `assemble`.
+    defects : sequence of `Box`, optional
+        Defect boxes in detector pixels to mask BAD and interpolate.
 
     Returns
     -------
@@ -368,7 +387,8 @@ def run_isr(
     """
     if len(raws) not in (1, 2):
         raise BadImageError(_STEP, f"expected 1 or 2 snaps, got {len(raws)}")
-    snaps = [_single_snap(raw, amps, bias, flat, bad_columns, smooth_rows, parallel_overscan) for raw in raws]
+    options = {"smooth_rows": smooth_rows, "parallel": parallel_overscan, "saturation_margin": saturation_margin}
+    snaps = [_single_snap(raw, amps, bias, flat, bad_columns, defects, options) for raw in raws]
     exposure = combine_snaps(*snaps, reject_crs=crs) if len(snaps) == 2 else snaps[0]
     if edge_width > 0:
         width = edge_width
@@ -376,7 +396,9 @@ def run_isr(
             exposure.mask[border] |= MaskPlane.EDGE
     if crs and len(snaps) == 1:
         sky = sep.Background(exposure.image, mask=exposure.mask != 0, bw=128, bh=128).back()
-        cr = find_cosmic_rays(exposure.image - sky, exposure.variance, min_fwhm=min_fwhm)
+        known = (exposure.mask & int(MaskPlane.BAD | MaskPlane.SAT | MaskPlane.NO_DATA)) != 0
+        # Hot columns and bleed trails are sharp too, but already masked: no CR search there.
+        cr = find_cosmic_rays(exposure.image - sky, exposure.variance, min_fwhm=min_fwhm, ignore=known)
         exposure.mask[cr] |= MaskPlane.CR
     to_fill = (exposure.mask & int(MaskPlane.BAD | MaskPlane.CR)) != 0
     to_fill &= (exposure.mask & int(MaskPlane.NO_DATA)) == 0

@@ -30,14 +30,15 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import pandas as pd
 from astropy.wcs import WCS
 
 from .calibrate import calibrate
 from .dia_sources import detect_dia_sources
 from .exceptions import ConfigError, NonRetriableError
-from .exposure import ScienceDataError
-from .isr import AmpGeometry, run_isr
+from .exposure import NumericalFailureError, ScienceDataError
+from .isr import AmpGeometry, Box, run_isr
 from .subtract import subtract_images
 from .template_warp import TemplatePatch, warp_template
 
@@ -67,7 +68,9 @@ class ProcessingInputs:
     bias, flat : `numpy.ndarray`, optional
         Master calibrations (detector shape).
     bad_columns : sequence of `int`, optional
-        Known bad columns.
+        Known bad columns (whole columns).
+    defects : sequence of `workflow.isr.Box`, optional
+        Known defect boxes (assembled pixels).
     refcat : `pandas.DataFrame`, optional
         Reference catalogue (``ra``, ``dec``, ``<band>_flux``).
     templates : sequence of `workflow.template_warp.TemplatePatch`
@@ -87,6 +90,7 @@ class ProcessingInputs:
     bias: Any = None
     flat: Any = None
     bad_columns: Sequence[int] | None = None
+    defects: Sequence[Box] | None = None
     refcat: pd.DataFrame | None = None
     templates: Sequence[TemplatePatch] = ()
     options: Mapping[str, Mapping[str, Any]] = dataclasses.field(default_factory=dict)
@@ -103,6 +107,7 @@ def _step_isr(inputs: ProcessingInputs, state: Mapping[str, Any]) -> dict[str, A
         bias=inputs.bias,
         flat=inputs.flat,
         bad_columns=inputs.bad_columns,
+        defects=inputs.defects,
         **_opts(inputs, "isr"),
     )
     exposure.wcs = inputs.wcs_guess
@@ -232,11 +237,17 @@ def validate_definitions(names: Sequence[str], definitions: Mapping[str, Sequenc
 def _run_step(
     name: str, pipeline: str, inputs: ProcessingInputs, state: Mapping[str, Any], timings: list[StepTiming]
 ) -> dict[str, Any]:
-    """Run one step, appending its `StepTiming` (also on failure) and logging it."""
+    """Run one step, appending its `StepTiming` (also on failure) and logging it.
+
+    A `numpy.linalg.LinAlgError` escaping the step becomes a `NumericalFailureError`
+    (a `ScienceDataError` naming the step), so the fallback logic handles it.
+    """
     step = STEPS[name]
     wall, cpu = time.perf_counter(), time.process_time()
     try:
         return step.function(inputs, state)
+    except np.linalg.LinAlgError as exc:  # a safety net: steps raise their own ScienceDataErrors
+        raise NumericalFailureError(name, f"numerical failure ({exc})") from exc
     finally:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         timing = StepTiming(pipeline=pipeline, step=name, wall_s=wall, cpu_s=cpu)

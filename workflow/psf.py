@@ -30,11 +30,13 @@ from astropy.io import fits
 from scipy import ndimage
 from scipy.spatial import cKDTree
 
-from .exposure import MaskPlane, TooFewStarsError
+from .exposure import MaskPlane, NumericalFailureError, TooFewStarsError
 
 _log = logging.getLogger(__name__)
 
 _STEP = "calibrate.psf"
+_MODEL_ERROR = 0.03
+"""Fractional PSF-model error allowed before a star pixel is clipped as an outlier."""
 _BAD_FOR_PSF = MaskPlane.SAT | MaskPlane.BAD | MaskPlane.CR | MaskPlane.NO_DATA | MaskPlane.EDGE
 
 
@@ -263,14 +265,32 @@ def _usable(mask: np.ndarray | None, ix: np.ndarray, iy: np.ndarray, half: int, 
     return inside
 
 
-def _fit_spatial(stamps: np.ndarray, weights: np.ndarray, terms: np.ndarray) -> np.ndarray:
-    """Fit every stamp pixel as a polynomial in position, with per-star, per-pixel weights."""
+def _fit_spatial(stamps: np.ndarray, weights: np.ndarray, terms: np.ndarray, step: str = _STEP) -> np.ndarray:
+    """Fit every stamp pixel as a polynomial in position, with per-star, per-pixel weights.
+
+    Raises
+    ------
+    TooFewStarsError
+        If some pixel has no weight in any star.
+    NumericalFailureError
+        If the normal equations are singular or the model is not finite.
+    """
     flat = stamps.reshape(len(stamps), -1)
     w = weights.reshape(len(stamps), -1)
+    if not (w.sum(axis=0) > 0).all():
+        raise TooFewStarsError(step, f"PSF pixels without usable data in all {len(stamps)} star(s)")
     normal = np.einsum("ip,it,iu->ptu", w, terms, terms)
-    normal += np.eye(terms.shape[1])[None] * 1e-12 * np.trace(normal, axis1=1, axis2=2)[:, None, None]
+    ridge = 1e-10 * np.median(np.trace(normal, axis1=1, axis2=2)) / terms.shape[1]
+    normal += np.eye(terms.shape[1])[None] * ridge
     rhs = np.einsum("ip,it,ip->pt", w, terms, flat)
-    coeffs = np.linalg.solve(normal, rhs[..., None])[..., 0].T.reshape((terms.shape[1],) + stamps.shape[1:])
+    try:
+        solution = np.linalg.solve(normal, rhs[..., None])[..., 0]
+    except np.linalg.LinAlgError as exc:
+        message = f"singular PSF fit ({len(stamps)} stars, {terms.shape[1]} spatial terms)"
+        raise NumericalFailureError(step, message) from exc
+    coeffs = solution.T.reshape((terms.shape[1],) + stamps.shape[1:])
+    if not np.isfinite(coeffs).all() or coeffs[0].sum() <= 0:
+        raise NumericalFailureError(step, f"PSF fit of {len(stamps)} stars gave a non-finite or zero-sum model")
     coeffs[0] /= coeffs[0].sum()
     for k in range(1, len(coeffs)):
         coeffs[k] -= coeffs[0] * coeffs[k].sum()
@@ -384,10 +404,15 @@ def measure_psf(
     use = np.ones(len(x), bool)
     for _ in range(3):
         weights = pixel_weight * (star_weight * use)[:, None, None]
-        coeffs = _fit_spatial(stamps, weights, terms)
+        coeffs = _fit_spatial(stamps, weights, terms, step)
         model = np.einsum("nt,tij->nij", terms, coeffs)
-        z2 = (stamps - model) ** 2 * flux[:, None, None] ** 2 / pixel_var
-        pixel_weight[z2 > 25.0] = 0.0
+        # A 3% model-error floor keeps the cores of bright stars (where the stacked
+        # model is limited by sub-pixel resampling, not noise) from being clipped.
+        scaled_model = (_MODEL_ERROR * flux)[:, None, None] * model
+        z2 = (stamps - model) ** 2 * flux[:, None, None] ** 2 / (pixel_var + scaled_model**2)
+        clipped = np.where(z2 > 25.0, 0.0, pixel_weight)
+        lost = ((clipped * (star_weight * use)[:, None, None]).sum(axis=0) <= 0)
+        pixel_weight = np.where(lost[None], pixel_weight, clipped)
         chi = (z2 * (pixel_weight > 0)).sum(axis=(1, 2)) / np.maximum((pixel_weight > 0).sum(axis=(1, 2)), 1)
         med = np.median(chi[use])
         use &= chi < med + 5.0 * 1.4826 * np.median(np.abs(chi[use] - med)) + 1e-12

@@ -29,14 +29,25 @@ from scipy import ndimage
 from scipy.signal import fftconvolve
 
 from .calibrate import psf_at_sources
-from .exposure import BadImageError, Exposure, MaskPlane, ScienceDataError, TooFewStarsError
-from .photometry import BAD_PIXELS, detect_sources, variance_scale
+from .exposure import (
+    BadImageError, Exposure, MaskPlane, NumericalFailureError, ScienceDataError, TooFewStarsError, grow_regions,
+)  # fmt: skip
+from .photometry import BAD_PIXELS, detect_sources, estimate_background, fft_shape, variance_scale
 from .psf import PsfModel, clean_stars, cutout_stamps, embed_at_origin, poly_terms
 from .zogy import flux_ratio_from_stars, zogy_difference
 _log = logging.getLogger(__name__)
 
 _STEP = "subtract_images"
 _NO_STAMP = BAD_PIXELS | int(MaskPlane.EDGE)
+_BASIS_SCALES, _BASIS_DEGREES = (0.5, 1.0, 2.0, 4.0), (4, 2, 2, 0)
+"""Alard-Lupton basis: Gaussian widths in units of the matching width, and polynomial degrees."""
+_MIN_MATCH_SIGMA, _MAX_KERNEL_HALF = 0.6, 15
+_CLIP_FRACTION = 0.02
+"""Fraction of a kernel stamp's pixel values added to its noise when clipping outlier stamps."""
+_SYSTEMATIC_FRACTION, _REGISTRATION_PX = 0.002, 0.01
+"""Subtraction systematics added to the difference variance (`_systematic_variance`)."""
+_SAT_HALO_FWHM = 3.0
+"""Pixels within this many PSF FWHM of saturated pixels are masked SUSPECT in the difference."""
 
 
 def alard_lupton_basis(sigmas: tuple[float, ...], degrees: tuple[int, ...], half: int) -> np.ndarray:
@@ -165,7 +176,7 @@ def fit_matching_kernel(
     nbg = (bg_order + 1) * (bg_order + 2) // 2
     kc = np.array([0] + [k for k in range(1, nb) for _ in range(nterm)] + [nb] * nbg)
     sc = np.array([0] + [s for _ in range(1, nb) for s in range(nterm)] + list(range(nbg)))
-    terms = poly_terms((ix - center[0]) / scale[0], (iy - center[1]) / scale[1], spatial_order)
+    terms = poly_terms((ix - center[0]) / scale[0], (iy - center[1]) / scale[1], max(spatial_order, bg_order))
     q = np.einsum("nkp,nlp->nkl", conv, conv) * weight[:, None, None]
     r = np.einsum("nkp,np->nk", conv, tgt) * weight[:, None]
     use = np.ones(len(ix), bool)
@@ -177,12 +188,17 @@ def fit_matching_kernel(
         normal = np.einsum("ncd,nc,nd->cd", q[use][:, kc][:, :, kc], tq, tq)
         rhs = np.einsum("nc,nc->c", r[use][:, kc], tq)
         normal += np.eye(len(kc)) * 1e-9 * np.trace(normal) / len(kc)
-        coeffs = np.linalg.solve(normal, rhs)
+        try:
+            coeffs = np.linalg.solve(normal, rhs)
+        except np.linalg.LinAlgError as exc:
+            raise NumericalFailureError(_STEP, f"singular kernel fit on {int(use.sum())} stamps") from exc
         alpha = np.zeros((len(ix), nb + 1))
         for c, (k, s) in enumerate(zip(kc, sc)):
             alpha[:, k] += coeffs[c] * terms[:, s]
         model = np.einsum("nk,nkp->np", alpha, conv)
-        chi = ((tgt - model) ** 2).mean(axis=1) * weight
+        # Residuals relative to noise plus a fraction of the star: bright stars (which constrain
+        # the kernel wings) are clipped only when their residual is an outlier for their flux.
+        chi = ((tgt - model) ** 2 / (1.0 / weight[:, None] + (_CLIP_FRACTION * tgt) ** 2)).mean(axis=1)
         med = np.median(chi[use])
         new = chi < med + 4.0 * 1.4826 * np.median(np.abs(chi[use] - med)) + 0.1
         if (new == use).all():
@@ -235,16 +251,16 @@ def _apply_kernel(
     source: Exposure, target: Exposure, kernel: MatchingKernel, decorrelate: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return ``target - K (*) source - bg`` (decorrelated if asked) and the small-grid filter."""
-    shape = target.shape
+    shape, padded = target.shape, fft_shape(target.shape)
     kernels = kernel.spatial_kernels().astype(np.float32)
-    diff_hat = sfft.rfft2(target.image, workers=1)
+    diff_hat = sfft.rfft2(target.image, s=padded, workers=1)
     k0_hat = None
     for (u, v), kern in zip(_axis_terms(shape, kernel, kernel.spatial_order), kernels):
-        k_hat = sfft.rfft2(embed_at_origin(kern, shape), workers=1)
+        k_hat = sfft.rfft2(embed_at_origin(kern, padded), workers=1)
         k0_hat = k_hat if k0_hat is None else k0_hat
         weighted = source.image * v
         weighted *= u
-        weighted_hat = sfft.rfft2(weighted, workers=1)
+        weighted_hat = sfft.rfft2(weighted, s=padded, workers=1)
         weighted_hat *= k_hat
         diff_hat -= weighted_hat
     ksum, size, phi_small = kernel.kernel_sum, 2 * (kernels.shape[-1] + 8) + 1, np.ones((1, 1))
@@ -254,7 +270,7 @@ def _apply_kernel(
         small_hat = np.fft.fft2(embed_at_origin(kernels[0], (size, size)))
         phi_small = np.fft.fftshift(np.fft.ifft2(_whitening(small_hat, var_t, var_s, ksum)).real)
         phi_small /= phi_small.sum()
-    diff = sfft.irfft2(diff_hat, s=shape, workers=1).astype(np.float32, copy=False)
+    diff = sfft.irfft2(diff_hat, s=padded, workers=1)[: shape[0], : shape[1]].astype(np.float32)
     _subtract_background(diff, kernel)
     return diff, phi_small
 
@@ -264,12 +280,34 @@ def _difference_exposure(
 ) -> Exposure:
     """Assemble the difference exposure: combined mask, NO_DATA zeroed, variance rescaled to the noise."""
     mask = _difference_mask(science, template, grow)
+    saturated = (mask & int(MaskPlane.SAT)) != 0
+    if saturated.any():  # PSF-wing mismatch leaves residuals around saturated stars
+        mask[grow_regions(saturated, _SAT_HALO_FWHM * science.psf.fwhm) & ~saturated] |= MaskPlane.SUSPECT
     diff[(mask & int(MaskPlane.NO_DATA)) != 0] = 0.0
+    diff -= estimate_background(diff, mask, box=256)  # residual sky offsets bias the S/N map
     scale = variance_scale(diff, var, mask)
     var *= np.float32(scale)
+    var += _systematic_variance(science.image)
     out = Exposure(image=diff, mask=mask, variance=var, wcs=science.wcs, psf=psf,
                    zero_point=science.zero_point, metadata=science.metadata.copy())  # fmt: skip
     out.metadata["VARSCALE"] = (round(scale, 4), "empirical variance-plane rescaling")
+    return out
+
+
+def _systematic_variance(image: np.ndarray) -> np.ndarray:
+    """Return the variance of subtraction systematics on bright sources (science units squared).
+
+    ``(f I)**2 + (d |grad I|)**2`` with ``f`` = `_SYSTEMATIC_FRACTION` (PSF-matching
+    residual) and ``d`` = `_REGISTRATION_PX` (registration error), like ZOGY's
+    astrometric-noise term: it keeps the residuals of very bright stars (dipoles,
+    rings) below the detection threshold and is negligible on faint sources and sky.
+    """
+    positive = np.maximum(image, np.float32(0.0))
+    grad_y, grad_x = np.gradient(positive)
+    out = grad_x * grad_x
+    out += grad_y * grad_y
+    out *= np.float32(_REGISTRATION_PX**2)
+    out += np.float32(_SYSTEMATIC_FRACTION**2) * positive * positive
     return out
 
 
@@ -294,16 +332,16 @@ def _alard_lupton(
     convolve_template = mode == "template" or (mode == "auto" and template_psf.sigma <= science.psf.sigma)
     source, target = (template, science) if convolve_template else (science, template)
     sigma_s, sigma_t = template_psf.sigma, science.psf.sigma
-    match = float(np.sqrt(max(abs(sigma_s**2 - sigma_t**2), 0.36)))
-    sigmas = (max(0.5 * match, 0.4), match, 2.0 * match)
-    half = int(np.clip(np.ceil(3.0 * sigmas[-1]), 5, 15))
+    match = float(np.sqrt(max(abs(sigma_s**2 - sigma_t**2), _MIN_MATCH_SIGMA**2)))
+    sigmas = tuple(max(scale * match, 0.4) for scale in _BASIS_SCALES)
+    half = int(np.clip(np.ceil(3.0 * sigmas[-1]), 5, _MAX_KERNEL_HALF))
     stamp_half = half + max(int(np.ceil(science.psf.fwhm)), 3)
     margin = stamp_half + half
     inside = (x >= margin) & (y >= margin) & (x < science.shape[1] - 1 - margin)
     inside &= y < science.shape[0] - 1 - margin
     kernel = fit_matching_kernel(
         source.image, target.image, target.variance + source.variance, x[inside], y[inside],
-        alard_lupton_basis(sigmas, (4, 2, 2), half),
+        alard_lupton_basis(sigmas, _BASIS_DEGREES, half),
         spatial_order=spatial_order, bg_order=bg_order, stamp_half=stamp_half,
     )  # fmt: skip
     diff, phi = _apply_kernel(source, target, kernel, decorrelate)
