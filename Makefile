@@ -1,6 +1,7 @@
 # prompt-snake: one command to set up and run the demo, one to set up and pass the tests.
 #   make demo   - create .venv, install, build the embedded demo and run it (no servers)
 #   make test   - create .venv, install, run the test suite (tests start their own servers)
+#   make report - HTML report with pictures of the last run (after make demo)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
@@ -8,7 +9,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo dryrun clean-demo
+.PHONY: setup test demo report clean-demo
 
 setup: $(STAMP)
 
@@ -16,7 +17,7 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[services,test]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[services,test,report]'
 	touch $(STAMP)
 
 # pytest's own exit code is kept in .test-exit-code for .ci/run; 5 = no tests ran.
@@ -28,6 +29,12 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# Night report of the run in this directory: pictures + metrics into build/report,
+# then one HTML page (report.html) through snakemake --report.
+report: setup
+	$(PY) scripts/make_report.py --results results --out-dir build/report
+	$(PY) -m snakemake --snakefile report/Snakefile --config report_dir=build/report --report report.html
 
 clean-demo:
 	rm -rf demo results work_area visits logs benchmarks .snakemake

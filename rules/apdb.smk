@@ -16,5 +16,7 @@ rule apdb_load:
         "detector_visit"
     resources:
         mem_mb=1000,
-    script:
-        "../scripts/apdb_load.py"
+    params:
+        config=CONFIG_JSON,
+    shell:
+        STAGE + " apdb {params.config} {log:q} -- {input.visit:q} {input.prep:q} {input.pipeline:q} {output.record:q}"

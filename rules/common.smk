@@ -1,10 +1,17 @@
 # Shared setup: validate the config, path patterns, wildcard constraints, targets.
 # Logic lives in the workflow package; this file only declares.
 
-from workflow.config import validate_loaded_config
+import sys
+
+from workflow.config import validate_loaded_config, write_config_snapshot
 from workflow.target import existing_visit_files
 
 validate_loaded_config(config, [*workflow.configfiles, *workflow.overwrite_configfiles])
+
+# Stages run through the node's warm stage server (workflow.stage_client): Python
+# start-up and imports would otherwise cost more than most stages take.
+CONFIG_JSON = str(write_config_snapshot(config))
+STAGE = f"{sys.executable} -m workflow.stage_client"
 
 INSTRUMENT = config["instrument"]["name"]
 

@@ -16,8 +16,10 @@ rule export_outputs:
         "detector_visit"
     resources:
         mem_mb=1000,
-    script:
-        "../scripts/export_outputs.py"
+    params:
+        config=CONFIG_JSON,
+    shell:
+        STAGE + " export {params.config} {log:q} -- {input.visit:q} {input.ingest:q} {input.pipeline:q} {output.record:q}"
 
 
 rule finish_target:
@@ -32,5 +34,7 @@ rule finish_target:
         "benchmarks/finish/" + TAIL + ".tsv"
     group:
         "detector_visit"
-    script:
-        "../scripts/finish_target.py"
+    params:
+        config=CONFIG_JSON,
+    shell:
+        STAGE + " finish {params.config} {log:q} -- {input.visit:q} {output.done:q} {input.records:q}"

@@ -14,5 +14,7 @@ rule ingest:
         "detector_visit"
     resources:
         mem_mb=1000,
-    script:
-        "../scripts/ingest.py"
+    params:
+        config=CONFIG_JSON,
+    shell:
+        STAGE + " ingest {params.config} {log:q} -- {input.visit:q} {output.record:q}"

@@ -17,5 +17,7 @@ rule run_pipeline:
     threads: 1
     resources:
         mem_mb=4000,
-    script:
-        "../scripts/run_pipeline.py"
+    params:
+        config=CONFIG_JSON,
+    shell:
+        STAGE + " pipeline {params.config} {log:q} -- {input.visit:q} {input.prep:q} {input.ingest:q} {output.record:q}"

@@ -14,5 +14,7 @@ rule prep:
         "detector_visit"
     resources:
         mem_mb=1000,
-    script:
-        "../scripts/prep.py"
+    params:
+        config=CONFIG_JSON,
+    shell:
+        STAGE + " prep {params.config} {log:q} -- {input.visit:q} {output.manifest:q}"

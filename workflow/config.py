@@ -22,12 +22,15 @@ __all__ = [
     "load_config",
     "known_instruments",
     "validate_loaded_config",
+    "write_config_snapshot",
 ]
 
 import copy
 import functools
+import hashlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -329,3 +332,19 @@ def validate_loaded_config(
     for path in files:
         validate_file(path, load_yaml(path))
     validate_merged(config, files)
+
+
+def write_config_snapshot(config: Mapping[str, Any], directory: str | Path = ".snakemake/prompt-snake") -> Path:
+    """Write the merged configuration as JSON for the stage processes; return its path.
+
+    The file name carries a hash of the content, so concurrent runs with different
+    configs in one directory never overwrite each other's snapshot.
+    """
+    text = json.dumps(config, sort_keys=True, default=str)
+    path = Path(directory) / f"config-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    return path
