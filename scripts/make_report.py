@@ -1,0 +1,53 @@
+"""Make the night report's pictures and metrics, and optionally the HTML report.
+
+Usage (from the run directory, e.g. the checkout after `make demo`):
+
+    python scripts/make_report.py [--results results] [--out-dir build/report]
+        [--instrument X] [--day-obs YYYY-MM-DD] [--cutouts 6] [--html report.html]
+
+Writes the files of `workflow.report.build_report` into --out-dir; with --html also
+runs `snakemake --snakefile report/Snakefile --report <html>` to pack them into one
+self-contained page (what `make report` does in two steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+from workflow.config import PROJECT_ROOT
+from workflow.log_setup import configure_logging
+from workflow.report import build_report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--results", default="results", help="the run's results directory")
+    parser.add_argument("--benchmarks", default=None, help="benchmarks directory (default: next to results)")
+    parser.add_argument("--work-area", default=None, help="work_area directory (default: next to results)")
+    parser.add_argument("--out-dir", default="build/report", help="where pictures and metrics go")
+    parser.add_argument("--instrument", default=None)
+    parser.add_argument("--day-obs", default=None, help="one night, YYYY-MM-DD")
+    parser.add_argument("--cutouts", type=int, default=6, help="DIA sources to show")
+    parser.add_argument("--no-rulegraph", action="store_true", help="skip the rule graph (~3 s)")
+    parser.add_argument("--html", default=None, help="also write the Snakemake HTML report here")
+    args = parser.parse_args(argv)
+    configure_logging("workflow=INFO", stream=sys.stderr)
+    written = build_report(args.results, args.out_dir, benchmarks_root=args.benchmarks, work_root=args.work_area,
+                           instrument=args.instrument, day_obs=args.day_obs, n_cutouts=args.cutouts,
+                           rulegraph=not args.no_rulegraph)  # fmt: skip
+    logging.getLogger("make_report").info("nights %s; %d cutout(s); files in %s", written["nights"],
+                                          len(written["cutouts"]), args.out_dir)  # fmt: skip
+    if args.html:
+        command = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "report" / "Snakefile"),
+                   "--directory", str(Path.cwd()), "--config", f"report_dir={args.out_dir}",
+                   "--report", args.html]  # fmt: skip
+        return subprocess.run(command).returncode
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
