@@ -212,16 +212,27 @@ def open_apdb(apdb_config: Mapping[str, Any], *, base_dir: str | Path | None = N
     if isinstance(config, ApdbSqlConfig):
         where = _safe(config.db_url)
         path = _sqlite_path(config.db_url)
-        if path is not None and not path.exists():
-            if not create:
-                raise ApdbNotFoundError(f"no APDB at {where}; create it with `apdb-cli create-sql`")
-            create_apdb(config.db_url)
+        if path is not None and create:
+            _create_once(path, config.db_url)  # under a lock: never open a half-created file
+        elif path is not None and not path.exists():
+            raise ApdbNotFoundError(f"no APDB at {where}; create it with `apdb-cli create-sql`")
     else:
         where = f"Cassandra hosts {list(config.contact_points)} keyspace {config.keyspace!r}"
     apdb = _guard(lambda: Apdb.from_config(config), where)
     check_versions(_guard(lambda: dict(apdb.metadata.items()), where), where)  # Cassandra connects here
     _log.debug("opened APDB at %s", where)
     return apdb
+
+
+def _create_once(path: Path, db_url: str) -> None:
+    """Create a SQLite APDB unless a concurrent target already did (file lock)."""
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".create-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            create_apdb(db_url)
 
 
 def _guard(action: Callable[[], Any], where: str) -> Any:
