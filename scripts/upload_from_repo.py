@@ -17,7 +17,7 @@ import logging
 import sys
 
 from workflow.log_setup import configure_logging
-from workflow.testers import UploadOptions, exit_status
+from workflow.testers import add_upload_arguments, exit_status, upload_options_from_args
 from workflow.testers_replay import load_repo_query, upload_from_repo
 
 _log = logging.getLogger("upload_from_repo")
@@ -29,21 +29,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("n_groups", type=int, help="number of visits to replay")
     parser.add_argument("--ordered", action="store_true", help="replay in exposure order, not at random")
     parser.add_argument("--seed", type=int, default=None, help="seed of the random choice (default: CONFIG's, 0)")
-    parser.add_argument("--config-file", action="append", default=[], metavar="FILE",
-                        help="extra config file merged over the instrument's (repeatable)")
-    parser.add_argument("--avro", action="store_true", help="publish the summit's Avro form instead of JSON")
-    parser.add_argument("--schema-id", type=int, default=1, help="schema-registry id in the Avro framing")
-    parser.add_argument("--slew-s", type=float, default=2.0, help="wait after each next_visit (default 2)")
-    parser.add_argument("--exposure-s", type=float, default=None, help="wait per snap (default: its exptime)")
-    parser.add_argument("--skip-detector", action="append", default=[], metavar="ID", help="never upload this one")
-    parser.add_argument("--late-detector", action="append", default=[], metavar="ID", help="upload this one late")
-    parser.add_argument("--late-delay-s", type=float, default=5.0, help="delay of late detectors (default 5)")
-    parser.add_argument("--workers", type=int, default=2, help="upload processes (default 2)")
-    parser.add_argument("--survey", default=None, help="survey of the next_visits (default: science program)")
-    parser.add_argument("--kafka-timeout-s", type=float, default=10.0, help="bound on broker contact (default 10)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
-    parser.add_argument("--debug", action="store_true", help="log at DEBUG and show tracebacks")
+    add_upload_arguments(parser)
     return parser.parse_args(argv)
 
 
@@ -51,11 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parse(argv)
     configure_logging(f"root={'DEBUG' if args.debug else 'INFO' if args.verbose else 'WARNING'}", stream=sys.stderr)
-    options = UploadOptions(
-        slew_s=args.slew_s, exposure_s=args.exposure_s, late_delay_s=args.late_delay_s, workers=args.workers,
-        avro=args.avro, schema_id=args.schema_id, kafka_timeout_s=args.kafka_timeout_s,
-        progress=not args.no_progress and sys.stderr.isatty(), skip_detectors=tuple(args.skip_detector),
-        late_detectors=tuple(args.late_detector), survey=args.survey)
+    options = upload_options_from_args(args, progress=sys.stderr.isatty())
     try:
         query = load_repo_query(args.config)
         if args.seed is not None:

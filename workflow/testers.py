@@ -10,7 +10,11 @@ never overwrite raws.  `exit_status` maps errors to the CLIs' exit status.
 
 from __future__ import annotations
 
-__all__ = ["BrokerUnavailableError", "NoMatchingRawsError", "exit_status", "UploadOptions", "UploadedRaw",
+import argparse  # noqa: F401 - annotations of the CLI helpers
+
+__all__ = [
+    "add_upload_arguments",
+    "upload_options_from_args","BrokerUnavailableError", "NoMatchingRawsError", "exit_status", "UploadOptions", "UploadedRaw",
            "GroupReport", "next_seq_num", "upload_simulated"]
 
 import concurrent.futures
@@ -340,3 +344,31 @@ def upload_simulated(config: Mapping[str, Any], n_groups: int, *, options: Uploa
         return visit, [(e, [(det, (e,)) for det in sorted(wanted)]) for e in snaps]
 
     return _drive(config, n_groups, plan, _simulate_task, options, late=late, scale=scale, seed=seed)
+
+
+def add_upload_arguments(parser: "argparse.ArgumentParser") -> None:
+    """Add the options both camera testers take (Kafka form, waits, detectors, logging)."""
+    parser.add_argument("--config-file", action="append", default=[], metavar="FILE",
+                        help="extra config file merged over the instrument's (repeatable)")
+    parser.add_argument("--avro", action="store_true", help="publish the summit's Avro form instead of JSON")
+    parser.add_argument("--schema-id", type=int, default=1, help="schema-registry id in the Avro framing")
+    parser.add_argument("--slew-s", type=float, default=2.0, help="wait after each next_visit (default 2)")
+    parser.add_argument("--exposure-s", type=float, default=None, help="wait per snap (default: its exptime)")
+    parser.add_argument("--skip-detector", action="append", default=[], metavar="ID", help="never upload this one")
+    parser.add_argument("--late-detector", action="append", default=[], metavar="ID", help="upload this one late")
+    parser.add_argument("--late-delay-s", type=float, default=5.0, help="delay of late detectors (default 5)")
+    parser.add_argument("--workers", type=int, default=2, help="upload processes (default 2)")
+    parser.add_argument("--survey", default=None, help="survey of the next_visits")
+    parser.add_argument("--kafka-timeout-s", type=float, default=10.0, help="bound on broker contact (default 10)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO")
+    parser.add_argument("--debug", action="store_true", help="log at DEBUG and show tracebacks")
+
+
+def upload_options_from_args(args: "argparse.Namespace", *, progress: bool) -> UploadOptions:
+    """Build `UploadOptions` from the options `add_upload_arguments` added."""
+    return UploadOptions(
+        slew_s=args.slew_s, exposure_s=args.exposure_s, late_delay_s=args.late_delay_s, workers=args.workers,
+        avro=args.avro, schema_id=args.schema_id, kafka_timeout_s=args.kafka_timeout_s,
+        progress=progress and not args.no_progress, skip_detectors=tuple(args.skip_detector),
+        late_detectors=tuple(args.late_detector), survey=args.survey)
