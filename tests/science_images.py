@@ -275,6 +275,8 @@ class SimulatedVisit:
     raw: object
     templates: list
     instrument: object
+    seed: int
+    band: str
 
 
 def _template_box(patch, region):  # noqa: ANN001, ANN202
@@ -289,8 +291,10 @@ def _template_box(patch, region):  # noqa: ANN001, ANN202
     x, y = patch.wcs.all_world2pix(ra, dec, 0)
     outer = patch.outer_bbox
     return TractBox(
-        max(outer.x0, outer.x0 + int(np.floor(x.min()))), max(outer.y0, outer.y0 + int(np.floor(y.min()))),
-        min(outer.x1, outer.x0 + int(np.ceil(x.max())) + 1), min(outer.y1, outer.y0 + int(np.ceil(y.max())) + 1),
+        max(outer.x0, outer.x0 + int(np.floor(x.min()))),
+        max(outer.y0, outer.y0 + int(np.floor(y.min()))),
+        min(outer.x1, outer.x0 + int(np.ceil(x.max())) + 1),
+        min(outer.y1, outer.y0 + int(np.ceil(y.max())) + 1),
     )  # fmt: skip
 
 
@@ -329,7 +333,8 @@ def simulate_detector_visit(
     if templates:
         skymap = RingsSkyMap.from_config(config)
         for patch in skymap.patches_overlapping(region):
-            made.append(make_template(skymap, patch, band, seed=seed, sky=sky, bbox=_template_box(patch, region)))
+            box = _template_box(patch, region)
+            made.append(make_template(skymap, patch, band, seed=seed, sky=sky, bbox=box))
             patches.append(template_patch(made[-1].image, made[-1].variance, made[-1].header,
                                           name=f"tract {patch.tract} patch {patch.id}"))
     bias = make_bias(inst, detector, seed=seed)
@@ -339,7 +344,7 @@ def simulate_detector_visit(
         defects=make_defects(inst, detector, seed=seed),
         refcat=[load_refcat(region, model=sky.refcat_model())] if refcat else [], templates=patches,
     )  # fmt: skip
-    return SimulatedVisit(inputs=inputs, raw=raw, templates=made, instrument=inst)
+    return SimulatedVisit(inputs=inputs, raw=raw, templates=made, instrument=inst, seed=seed, band=band)
 
 
 def wcs_error_mas(fitted: WCS, truth: WCS, shape: tuple[int, int], step: int = 32) -> float:

@@ -9,7 +9,7 @@ are in nJy.  Each sub-step raises `TooFewStarsError` naming itself
 
 from __future__ import annotations
 
-__all__ = ["CalibrationResult", "calibrate", "select_psf_stars", "psf_at_sources"]
+__all__ = ["CalibrationResult", "calibrate", "select_psf_stars", "clean_stars", "psf_at_sources"]
 
 import dataclasses
 import logging
@@ -29,7 +29,7 @@ from .photometry import (
     fit_zero_point,
     psf_photometry,
 )
-from .psf import PsfModel, clean_stars, cutout_stamps, footprint_radius, measure_psf
+from .psf import PsfModel, cutout_stamps, footprint_radius, measure_psf
 
 _log = logging.getLogger(__name__)
 
@@ -82,6 +82,32 @@ def select_psf_stars(sources: pd.DataFrame, fwhm: float, half: int, *, min_snr: 
         mad = 1.4826 * np.median(np.abs(size[ok] - med)) + 0.02 * med
         ok &= np.abs(size - med) < 3.0 * mad
     return sources[ok].sort_values("ap_snr", ascending=False).head(300)
+
+
+def clean_stars(
+    stars: pd.DataFrame, mask: np.ndarray, margin: int, *, bad: int, min_snr: float = 20.0, limit: int = 250
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return positions of bright stars whose ``margin`` stamps are inside and free of ``bad`` bits.
+
+    ``stars`` needs ``x``, ``y``; ``snr``, ``pixelFlags_saturated``, ``pixelFlags_edge`` and
+    ``calib_astrometry_used`` (reference-matched, preferred when 20 or more) are used if present.
+    At most ``limit`` stars, brightest first.
+    """
+    ok = np.ones(len(stars), bool)
+    if "snr" in stars:
+        ok &= stars["snr"].to_numpy() > min_snr
+    for flag in ("pixelFlags_saturated", "pixelFlags_edge"):
+        if flag in stars:
+            ok &= ~stars[flag].to_numpy(dtype=bool)
+    if "calib_astrometry_used" in stars and stars["calib_astrometry_used"][ok].sum() >= 20:
+        ok &= stars["calib_astrometry_used"].to_numpy(dtype=bool)
+    chosen = stars[ok].sort_values("snr", ascending=False) if "snr" in stars else stars[ok]
+    x, y = chosen["x"].to_numpy(), chosen["y"].to_numpy()
+    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
+    inside = (ix >= margin) & (iy >= margin) & (ix < mask.shape[1] - margin) & (iy < mask.shape[0] - margin)
+    x, y, ix, iy = x[inside], y[inside], ix[inside], iy[inside]
+    clean = ~(cutout_stamps(mask, ix, iy, margin) & bad).any(axis=(1, 2)) if len(ix) else np.zeros(0, bool)
+    return x[clean][:limit], y[clean][:limit]
 
 
 def psf_at_sources(

@@ -1,10 +1,11 @@
 """Detect and measure sources on a difference image (DiaSources).
 
-Detection is a PSF matched filter: the difference image is correlated with
-its PSF and divided by the filtered noise, so each pixel holds the S/N of a
-point source centred there; footprints above ``+threshold`` and below
-``-threshold`` are detected separately.  Adjacent positive and negative
-detections become one dipole.  Each source gets a PSF-fit flux (nJy),
+Detection is a PSF matched filter (`workflow.photometry.psf_matched_filter`):
+each pixel holds the S/N of a point source centred there; footprints above
+``+threshold`` and below ``-threshold`` are detected separately, with one or
+more peaks each (`workflow.photometry.find_peaks`).  Masked pixels are zeroed
+first and peaks on defects, saturation, no data or edges are dropped.  Close
+positive and negative peaks become one dipole (fitted with two PSFs).  Each source gets a PSF-fit flux (nJy),
 centroid, sky position, aperture flux, pixel flags from the mask and a
 heuristic reliability.  Columns use the APDB ``DiaSource`` names
 (lsst-sdm-schemas ``apdb.yaml``).
@@ -21,15 +22,19 @@ import numpy as np
 import pandas as pd
 from astropy.time import Time
 from astropy.wcs.utils import proj_plane_pixel_scales
-from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from .exposure import BadImageError, Exposure, MaskPlane, ScienceDataError
-from .photometry import aperture_photometry, fit_psf_pair, psf_matched_filter, psf_photometry, robust_std
+from .photometry import (
+    BAD_PIXELS, aperture_photometry, find_peaks, matched_filter_noise_scale, psf_matched_filter,
+    psf_photometry,
+)  # fmt: skip
 from .psf import cutout_stamps
 
 if TYPE_CHECKING:
     from astropy.wcs import WCS
+
+    from .psf import PsfModel
 
 _log = logging.getLogger(__name__)
 
@@ -59,7 +64,6 @@ _FLAG_BITS = {
     "interpolated": MaskPlane.INTRP, "saturated": MaskPlane.SAT, "suspect": MaskPlane.SUSPECT,
 }  # fmt: skip
 
-
 _UNUSABLE_CENTRE = int(MaskPlane.BAD | MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.EDGE)
 """Peaks on these pixels are dropped (as Rubin's ``badSourceFlags``: defects, saturation, no data)."""
 
@@ -76,79 +80,6 @@ def dia_source_ids(visit: int, detector: int, count: int) -> np.ndarray:
         message = f"cannot pack ids for visit {visit}, detector {detector}, {count} sources"
         raise ScienceDataError(_STEP, message)
     return (np.int64(visit) << 22) | (np.int64(detector) << 14) | np.arange(count, dtype=np.int64)
-
-
-def _noise_scale(snr_map: np.ndarray, clean: np.ndarray) -> float:
-    """Robust standard deviation of the S/N map over clean pixels, clipped to [0.5, 2].
-
-    Like Rubin's variance rescaling: residual noise correlations (warping) and
-    variance-plane errors make the matched-filter noise differ from unity by a
-    few percent, which changes the 5-sigma false-detection rate by tens of percent.
-    """
-    sample = snr_map[::3, ::3][clean[::3, ::3]]
-    scale = float(np.clip(robust_std(sample), 0.5, 2.0)) if sample.size > 1000 else 1.0
-    _log.debug("Matched-filter noise scale %.3f", scale)
-    return scale
-
-
-def _parabola_offsets(values: np.ndarray, ix: np.ndarray, iy: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Return sub-pixel offsets of the extremum of a parabola through each 3-pixel cross."""
-    center = values[iy, ix]
-    offsets = []
-    for lo, hi in ((values[iy, ix - 1], values[iy, ix + 1]), (values[iy - 1, ix], values[iy + 1, ix])):
-        curve = lo - 2.0 * center + hi
-        offsets.append(np.where(np.abs(curve) > 1e-6, 0.5 * (lo - hi) / np.where(curve == 0, 1, curve), 0.0))
-    return offsets[0], offsets[1]
-
-
-def find_peaks(
-    snr: np.ndarray, allowed: np.ndarray, threshold: float, flux: np.ndarray | None = None
-) -> pd.DataFrame:
-    """Find one peak per footprint above ``+threshold`` and below ``-threshold``.
-
-    Footprints are connected pixels of ``snr`` beyond the threshold.  The peak
-    is the extremum of ``flux`` (the PSF-correlated image: the maximum-likelihood
-    position of a point source) when given, else of ``snr``; the S/N map peaks
-    off-centre on bright sources whose own photon noise is in the variance.
-
-    Returns
-    -------
-    peaks : `pandas.DataFrame`
-        ``x``, ``y`` (sub-pixel, from a parabola through the 3x3 peak), ``snr``
-        (S/N at the peak, signed), ``bbox`` (footprint box size), ``centroid_flag``.
-    """
-    locate = snr if flux is None else flux
-    rows = []
-    for sign in (1.0, -1.0):
-        labels, count = ndimage.label((sign * snr > threshold) & allowed, structure=np.ones((3, 3), bool))
-        if count == 0:
-            continue
-        peaks, size = [], []
-        for index, box in enumerate(ndimage.find_objects(labels), start=1):
-            values = np.where(labels[box] == index, sign * locate[box], -np.inf)
-            py, px = np.unravel_index(np.argmax(values), values.shape)
-            peaks.append((box[0].start + py, box[1].start + px))
-            size.append(max(box[0].stop - box[0].start, box[1].stop - box[1].start))
-        peaks = np.array(peaks)
-        rows.append(pd.DataFrame({"iy": peaks[:, 0], "ix": peaks[:, 1], "sign": sign, "bbox": size}))
-    if not rows:
-        empty = np.zeros(0)
-        columns = {"x": empty, "y": empty, "snr": empty, "bbox": empty.astype(int)}
-        return pd.DataFrame(columns | {"centroid_flag": empty.astype(bool)})
-    table = pd.concat(rows, ignore_index=True)
-    iy = np.clip(table["iy"].to_numpy(), 1, snr.shape[0] - 2)
-    ix = np.clip(table["ix"].to_numpy(), 1, snr.shape[1] - 2)
-    dx, dy = _parabola_offsets(locate, ix, iy)
-    bad = (np.abs(dx) > 0.75) | (np.abs(dy) > 0.75)
-    return pd.DataFrame(
-        {
-            "x": ix + np.clip(dx, -0.5, 0.5),
-            "y": iy + np.clip(dy, -0.5, 0.5),
-            "snr": snr[iy, ix],
-            "bbox": table["bbox"].to_numpy(),
-            "centroid_flag": bad,
-        }
-    )
 
 
 def _pair_dipoles(peaks: pd.DataFrame, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -211,7 +142,7 @@ def _reliability(
 
 def _positions(peaks: pd.DataFrame, fwhm: float) -> pd.DataFrame:
     """Merge dipole pairs; return one row per source with lobe indices (-1 if none)."""
-    pos, neg = _pair_dipoles(peaks, 2.0 * fwhm + 1.0)
+    pos, neg = _pair_dipoles(peaks, 1.5 * fwhm + 0.5)
     single = np.setdiff1d(np.arange(len(peaks)), np.concatenate([pos, neg]))
     sp, sn = peaks.iloc[pos], peaks.iloc[neg]
     p_snr, n_snr = sp["snr"].to_numpy(), sn["snr"].to_numpy()
@@ -265,6 +196,65 @@ def _dipole_columns(
     return out
 
 
+def _two_psf_model(psf: PsfModel, region: tuple, positions: np.ndarray) -> np.ndarray:
+    """Return the two unit-flux PSF images (2, ny, nx) at ``positions`` inside ``region``."""
+    (r0, c0), shape = region
+    stamps, ix, iy = psf.realize(positions[[0, 2]], positions[[1, 3]])
+    out = np.zeros((2,) + shape)
+    h = psf.half
+    for k in range(2):
+        out[k, iy[k] - h - r0 : iy[k] + h + 1 - r0, ix[k] - h - c0 : ix[k] + h + 1 - c0] = stamps[k]
+    return out
+
+
+def fit_psf_pair(
+    diff: Exposure, pos_xy: tuple[float, float], neg_xy: tuple[float, float]
+) -> dict[str, float] | None:
+    """Fit two PSFs jointly (a dipole: positions free, fluxes linear) on ``diff``.
+
+    Returns
+    -------
+    fit : `dict` or `None`
+        ``xp, yp, xn, yn`` (pixels), ``fp, fn`` and errors ``fp_err, fn_err``
+        (image units), ``chi2``, ``ndata``; `None` near the image edge or if the fit is singular.
+    """
+    from scipy.optimize import least_squares
+
+    psf = diff.psf
+    cx, cy = int(round((pos_xy[0] + neg_xy[0]) / 2)), int(round((pos_xy[1] + neg_xy[1]) / 2))
+    spread = max(abs(pos_xy[0] - cx), abs(pos_xy[1] - cy), abs(neg_xy[0] - cx), abs(neg_xy[1] - cy))
+    reach = int(np.ceil(spread)) + 4  # lobes may move 3 px; the rounding of realize adds 1
+    h = psf.half + reach
+    if cx - h < 0 or cy - h < 0 or cx + h >= diff.shape[1] or cy + h >= diff.shape[0]:
+        return None
+    box = (slice(cy - h, cy + h + 1), slice(cx - h, cx + h + 1))
+    data, var = diff.image[box].astype(float), diff.variance[box].astype(float)
+    usable = ((diff.mask[box] & BAD_PIXELS) == 0) & (var > 0) & np.isfinite(data) & np.isfinite(var)
+    weight = np.where(usable, 1.0 / np.where(usable, var, 1.0), 0.0)
+    data = np.where(usable, data, 0.0)
+    region = ((cy - h, cx - h), data.shape)
+
+    def solve(positions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        model = _two_psf_model(psf, region, positions).reshape(2, -1)
+        normal = (model * weight.ravel()) @ model.T + np.eye(2) * 1e-30
+        fluxes = np.linalg.solve(normal, (model * weight.ravel()) @ data.ravel())
+        return fluxes, normal, (data.ravel() - fluxes @ model) * np.sqrt(weight.ravel())
+
+    start = np.array([pos_xy[0], pos_xy[1], neg_xy[0], neg_xy[1]])
+    bounds = (start - 3.0, start + 3.0)
+    try:
+        result = least_squares(lambda p: solve(p)[2], start, bounds=bounds, diff_step=1e-3)
+        fluxes, normal, resid = solve(result.x)
+        errors = np.sqrt(np.diag(np.linalg.inv(normal)))
+    except (np.linalg.LinAlgError, ValueError):  # lobes on masked pixels: no fit
+        return None
+    xp, yp, xn, yn = result.x
+    return {
+        "xp": xp, "yp": yp, "xn": xn, "yn": yn, "fp": fluxes[0], "fn": fluxes[1], "fp_err": errors[0],
+        "fn_err": errors[1], "chi2": float((resid**2).sum()), "ndata": int((weight > 0).sum()),
+    }  # fmt: skip
+
+
 def _check_difference(difference: Exposure) -> None:
     missing = [n for n in ("psf", "wcs", "zero_point") if getattr(difference, n) is None]
     if missing:
@@ -300,8 +290,9 @@ def detect_dia_sources(
     exposure_time : `float`, optional
         Exposure time in seconds.
     threshold : `float`
-        Detection threshold on the matched-filter S/N.  Peaks centred on
-        BAD, SAT, NO_DATA, EDGE or SUSPECT (near saturation) pixels are dropped.
+        Detection threshold on the matched-filter S/N.  Peaks with BAD, SAT,
+        NO_DATA or EDGE pixels in their 3x3 centre, or centred on SUSPECT (near
+        saturation) pixels, are dropped.
     ap_radius : `float`
         Aperture radius in pixels for ``apFlux``.
     science : `workflow.exposure.Exposure`, optional
@@ -320,18 +311,8 @@ def detect_dia_sources(
         If the difference image has no finite pixel.
     """
     _check_difference(difference)
-    # Masked pixels (saturated cores, defects, no data) hold no difference signal; zeroed, they do
-    # not leak into the matched filter around them.
-    usable = np.isfinite(difference.image) & ((difference.mask & _UNUSABLE_CENTRE) == 0)
-    image = np.where(usable, difference.image, np.float32(0.0))
-    psf = difference.psf
-    filtered, snr_map = psf_matched_filter(image, difference.variance, psf.image_at(*psf.center))
-    allowed = (difference.mask & int(MaskPlane.NO_DATA)) == 0
-    snr_map /= _noise_scale(snr_map, allowed & (difference.mask == 0))
-    peaks = find_peaks(snr_map, allowed, threshold, flux=filtered)
-    centre = difference.mask[np.rint(peaks["y"]).astype(int), np.rint(peaks["x"]).astype(int)]
-    peaks = peaks[(centre & (_UNUSABLE_CENTRE | int(MaskPlane.SUSPECT))) == 0].reset_index(drop=True)
-    src = _positions(peaks, psf.fwhm)
+    image, peaks = _usable_peaks(difference, threshold)
+    src = _positions(peaks, difference.psf.fwhm)
     table = _measure(difference, image, peaks, src, ap_radius)
     n = len(src)
     table |= {
@@ -351,6 +332,26 @@ def detect_dia_sources(
     counts = (int((out["snr"] > 0).sum()), int((out["snr"] < 0).sum()), int(out["isDipole"].sum()))
     _log.info("Detected %d DiaSources (%d positive, %d negative, %d dipoles)", len(out), *counts)
     return out
+
+
+def _usable_peaks(difference: Exposure, threshold: float) -> tuple[np.ndarray, pd.DataFrame]:
+    """Return the difference image with masked pixels zeroed and its usable peaks.
+
+    Masked pixels (saturated cores, defects, no data) hold no difference signal:
+    zeroed, they do not leak into the matched filter around them.
+    """
+    usable = np.isfinite(difference.image) & ((difference.mask & _UNUSABLE_CENTRE) == 0)
+    image = np.where(usable, difference.image, np.float32(0.0))
+    stamp = difference.psf.image_at(*difference.psf.center)
+    filtered, snr_map = psf_matched_filter(image, difference.variance, stamp)
+    allowed = (difference.mask & int(MaskPlane.NO_DATA)) == 0
+    snr_map /= matched_filter_noise_scale(snr_map, allowed & (difference.mask == 0))
+    peaks = find_peaks(snr_map, allowed, threshold, flux=filtered, psf_stamp=stamp)
+    ix, iy = np.rint(peaks["x"]).astype(int) + 1, np.rint(peaks["y"]).astype(int) + 1
+    padded = np.pad(difference.mask, 1, constant_values=int(MaskPlane.NO_DATA))
+    core = np.bitwise_or.reduce(cutout_stamps(padded, ix, iy, 1).reshape(len(ix), 9), axis=1)
+    drop = ((core & _UNUSABLE_CENTRE) != 0) | ((padded[iy, ix] & int(MaskPlane.SUSPECT)) != 0)
+    return image, peaks[~drop].reset_index(drop=True)
 
 
 def _measure(

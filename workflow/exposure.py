@@ -40,6 +40,7 @@ import enum
 import logging
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -149,16 +150,21 @@ def grow_mask(flags: np.ndarray) -> None:
             flags[np.clip(iy + dy, 0, flags.shape[0] - 1), np.clip(ix + dx, 0, flags.shape[1] - 1)] = True
 
 
-def grow_regions(flags: np.ndarray, radius: float) -> np.ndarray:
-    """Return ``flags`` grown by a disk of ``radius`` pixels (region by region: fast for sparse maps)."""
+def grow_regions(flags: np.ndarray, radius: float | Callable[[tuple[slice, slice]], float]) -> np.ndarray:
+    """Return ``flags`` grown by a disk (region by region: fast for sparse maps).
+
+    ``radius`` is in pixels, or a function of each connected region's bounding box
+    (a pair of slices) returning its radius.
+    """
     out = flags.copy()
-    reach = int(np.ceil(radius))
     labels, _ = ndimage.label(flags)
     for region in ndimage.find_objects(labels):
+        grow = float(radius(region)) if callable(radius) else float(radius)
+        reach = int(np.ceil(grow))
         rows = slice(max(region[0].start - reach, 0), region[0].stop + reach)
         cols = slice(max(region[1].start - reach, 0), region[1].stop + reach)
         distance = ndimage.distance_transform_edt(~flags[rows, cols])
-        out[rows, cols] |= distance <= radius
+        out[rows, cols] |= distance <= grow
     return out
 
 

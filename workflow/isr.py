@@ -4,7 +4,7 @@ Per amplifier: serial-overscan subtraction (median of each overscan row,
 smoothed along the columns), optional parallel-overscan subtraction,
 saturation masking, gain to electrons; then assembly into the detector
 image, bias subtraction, variance (Poisson + read noise), flat division,
-bad-column, edge and cosmic-ray masking with interpolation.  Two-snap visits
+defect, edge and cosmic-ray masking with interpolation.  Two-snap visits
 are summed, with cosmic rays rejected from the snap difference.
 
 Amplifier geometry comes in as `AmpGeometry`, boxes in raw pixels, so this
@@ -14,14 +14,8 @@ module does not depend on how the instrument description is stored.
 from __future__ import annotations
 
 __all__ = [
-    "Box",
-    "AmpGeometry",
-    "subtract_overscan",
-    "assemble",
-    "run_isr",
-    "combine_snaps",
-    "find_cosmic_rays",
-]
+    "Box", "AmpGeometry", "subtract_overscan", "assemble", "run_isr", "combine_snaps", "find_cosmic_rays",
+]  # fmt: skip
 
 import dataclasses
 import logging
@@ -50,11 +44,6 @@ class Box:
     y0: int
     x1: int
     y1: int
-
-    @property
-    def slices(self) -> tuple[slice, slice]:
-        """Numpy index ``(rows, columns)`` of the box."""
-        return _slices(self)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -296,7 +285,7 @@ def _single_snap(
     columns = [c for c in (bad_columns or ()) if 0 <= c < mask.shape[1]]
     mask[:, columns] |= MaskPlane.BAD
     for box in defects or ():
-        mask[max(box.y0, 0) : max(box.y1, 0), max(box.x0, 0) : max(box.x1, 0)] |= MaskPlane.BAD
+        mask[_slices(box)] |= MaskPlane.BAD
     return Exposure(image=image, mask=mask, variance=variance)
 
 
@@ -387,12 +376,11 @@ def run_isr(
     """
     if len(raws) not in (1, 2):
         raise BadImageError(_STEP, f"expected 1 or 2 snaps, got {len(raws)}")
-    options = {"smooth_rows": smooth_rows, "parallel": parallel_overscan, "saturation_margin": saturation_margin}
+    options = dict(smooth_rows=smooth_rows, parallel=parallel_overscan, saturation_margin=saturation_margin)
     snaps = [_single_snap(raw, amps, bias, flat, bad_columns, defects, options) for raw in raws]
     exposure = combine_snaps(*snaps, reject_crs=crs) if len(snaps) == 2 else snaps[0]
-    if edge_width > 0:
-        width = edge_width
-        for border in (np.s_[:width, :], np.s_[-width:, :], np.s_[:, :width], np.s_[:, -width:]):
+    if (w := edge_width) > 0:
+        for border in (np.s_[:w, :], np.s_[-w:, :], np.s_[:, :w], np.s_[:, -w:]):
             exposure.mask[border] |= MaskPlane.EDGE
     if crs and len(snaps) == 1:
         sky = sep.Background(exposure.image, mask=exposure.mask != 0, bw=128, bh=128).back()

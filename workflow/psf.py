@@ -17,7 +17,6 @@ __all__ = [
     "embed_at_origin",
     "poly_terms",
     "footprint_radius",
-    "clean_stars",
 ]
 
 import dataclasses
@@ -25,7 +24,6 @@ import functools
 import logging
 
 import numpy as np
-import pandas as pd
 from astropy.io import fits
 from scipy import ndimage
 from scipy.spatial import cKDTree
@@ -95,32 +93,6 @@ def embed_at_origin(kernel: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     out[-half:, : half + 1] = kernel[:half, half:]
     out[-half:, -half:] = kernel[:half, :half]
     return out
-
-
-def clean_stars(
-    stars: pd.DataFrame, mask: np.ndarray, margin: int, *, bad: int, min_snr: float = 20.0, limit: int = 250
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return positions of bright stars whose ``margin`` stamps are inside and free of ``bad`` bits.
-
-    ``stars`` needs ``x``, ``y``; ``snr``, ``pixelFlags_saturated``, ``pixelFlags_edge`` and
-    ``calib_astrometry_used`` (reference-matched, preferred when 20 or more) are used if present.
-    At most ``limit`` stars, brightest first.
-    """
-    ok = np.ones(len(stars), bool)
-    if "snr" in stars:
-        ok &= stars["snr"].to_numpy() > min_snr
-    for flag in ("pixelFlags_saturated", "pixelFlags_edge"):
-        if flag in stars:
-            ok &= ~stars[flag].to_numpy(dtype=bool)
-    if "calib_astrometry_used" in stars and stars["calib_astrometry_used"][ok].sum() >= 20:
-        ok &= stars["calib_astrometry_used"].to_numpy(dtype=bool)
-    chosen = stars[ok].sort_values("snr", ascending=False) if "snr" in stars else stars[ok]
-    x, y = chosen["x"].to_numpy(), chosen["y"].to_numpy()
-    ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
-    inside = (ix >= margin) & (iy >= margin) & (ix < mask.shape[1] - margin) & (iy < mask.shape[0] - margin)
-    x, y, ix, iy = x[inside], y[inside], ix[inside], iy[inside]
-    clean = ~(cutout_stamps(mask, ix, iy, margin) & bad).any(axis=(1, 2)) if len(ix) else np.zeros(0, bool)
-    return x[clean][:limit], y[clean][:limit]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -290,7 +262,8 @@ def _fit_spatial(stamps: np.ndarray, weights: np.ndarray, terms: np.ndarray, ste
         raise NumericalFailureError(step, message) from exc
     coeffs = solution.T.reshape((terms.shape[1],) + stamps.shape[1:])
     if not np.isfinite(coeffs).all() or coeffs[0].sum() <= 0:
-        raise NumericalFailureError(step, f"PSF fit of {len(stamps)} stars gave a non-finite or zero-sum model")
+        message = f"PSF fit of {len(stamps)} stars gave a non-finite or zero-sum model"
+        raise NumericalFailureError(step, message)
     coeffs[0] /= coeffs[0].sum()
     for k in range(1, len(coeffs)):
         coeffs[k] -= coeffs[0] * coeffs[k].sum()
@@ -376,7 +349,9 @@ def measure_psf(
     Raises
     ------
     TooFewStarsError
-        If fewer than ``min_stars`` stars are usable.
+        If fewer than ``min_stars`` stars are usable, or a stamp pixel has no usable data.
+    NumericalFailureError
+        If the fit is singular or not finite.
     """
     x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)

@@ -99,8 +99,20 @@ def template_patch(image: np.ndarray, variance: np.ndarray, header: Mapping[str,
                    name: str = "") -> TemplatePatch:
     """Return a `TemplatePatch` from template pixels and their FITS header.
 
-    The zero point is 31.4 (AB mag of 1 nJy) for ``BUNIT = nJy`` coadds, else
-    ``ZEROPNT`` from the header, else 31.4 with a warning.
+    Parameters
+    ----------
+    image, variance : `numpy.ndarray`
+        Template pixels and variance (the ``IMAGE`` and ``VARIANCE`` HDUs).
+    header : mapping
+        Header with the WCS and ``BUNIT`` (or ``ZEROPNT``).
+    name : `str`, optional
+        Label for logs.
+
+    Returns
+    -------
+    patch : `workflow.template_warp.TemplatePatch`
+        Zero point 31.4 (AB mag of 1 nJy) for ``BUNIT = nJy`` coadds, else
+        ``ZEROPNT`` from the header, else 31.4 with a warning.
     """
     header = header if isinstance(header, fits.Header) else fits.Header(dict(header))
     unit = str(header.get("BUNIT", "")).strip().lower()
@@ -131,7 +143,7 @@ def _refcat_frame(tables: Sequence[Table | pd.DataFrame], band: str) -> pd.DataF
 def _defect_boxes(defects: Table | pd.DataFrame | None) -> list[Box]:
     if defects is None or len(defects) == 0:
         return []
-    columns = [np.asarray(defects[k], dtype=int) for k in ("x0", "y0", "x1", "y1")]
+    columns = [np.maximum(np.asarray(defects[k], dtype=int), 0) for k in ("x0", "y0", "x1", "y1")]
     return [Box(*(int(v) for v in row)) for row in zip(*columns)]
 
 

@@ -1,12 +1,18 @@
 """Image differencing: Alard-Lupton PSF matching with decorrelation, or ZOGY.
 
-Alard-Lupton: a kernel of Gaussian x polynomial bases, with coefficients
-varying as a low-order polynomial over the image (constant kernel sum), is
-fitted on star stamps so that ``target ~ kernel (*) source + background``; the
-sharper image is the source (normally the template).  The difference is
+Alard-Lupton: a kernel of Gaussian x polynomial bases (widths from the PSF
+width difference, one broad enough for the PSF wings), with coefficients
+varying as a low-order polynomial over the image (constant kernel sum;
+constant kernel when stamps are few), is fitted on star stamps so that
+``target ~ kernel (*) source + background``; the sharper image is the source.
+Stamps are clipped only when their residual is an outlier for their flux, so
+the bright stars that constrain the wings stay in.  The difference is
 whitened with Rubin's decorrelation afterburner (Reiss & Lupton 2016),
 ``phi(k) = sqrt((s_t^2 + kbar^2 s_s^2) / (s_t^2 + s_s^2 |kappa(k)|^2))``, all in
-one Fourier pass.  ``method="zogy"`` uses `workflow.zogy` instead.
+one zero-padded Fourier pass.  A flux ratio (kernel sum) that contradicts
+the zero points raises `NumericalFailureError`.  ``method="zogy"`` uses `workflow.zogy`
+instead; both end in `workflow.zogy.difference_exposure` (masks, background,
+variance, bright-star halos).
 """
 
 from __future__ import annotations
@@ -25,16 +31,16 @@ import logging
 import numpy as np
 import pandas as pd
 import scipy.fft as sfft
-from scipy import ndimage
 from scipy.signal import fftconvolve
 
-from .calibrate import psf_at_sources
+from .calibrate import clean_stars, psf_at_sources
 from .exposure import (
-    BadImageError, Exposure, MaskPlane, NumericalFailureError, ScienceDataError, TooFewStarsError, grow_regions,
+    BadImageError, Exposure, MaskPlane, NumericalFailureError, ScienceDataError, TooFewStarsError,
 )  # fmt: skip
-from .photometry import BAD_PIXELS, detect_sources, estimate_background, fft_shape, variance_scale
-from .psf import PsfModel, clean_stars, cutout_stamps, embed_at_origin, poly_terms
-from .zogy import flux_ratio_from_stars, zogy_difference
+from .photometry import BAD_PIXELS, detect_sources, fft_shape
+from .psf import PsfModel, cutout_stamps, embed_at_origin, poly_terms
+from .zogy import check_flux_ratio, difference_exposure, flux_ratio_from_stars, zogy_difference
+
 _log = logging.getLogger(__name__)
 
 _STEP = "subtract_images"
@@ -42,12 +48,10 @@ _NO_STAMP = BAD_PIXELS | int(MaskPlane.EDGE)
 _BASIS_SCALES, _BASIS_DEGREES = (0.5, 1.0, 2.0, 4.0), (4, 2, 2, 0)
 """Alard-Lupton basis: Gaussian widths in units of the matching width, and polynomial degrees."""
 _MIN_MATCH_SIGMA, _MAX_KERNEL_HALF = 0.6, 15
+_MIN_STAMPS_SPATIAL = 60
+"""Fewer kernel stamps than this: the kernel is spatially constant (a varying one overfits)."""
 _CLIP_FRACTION = 0.02
 """Fraction of a kernel stamp's pixel values added to its noise when clipping outlier stamps."""
-_SYSTEMATIC_FRACTION, _REGISTRATION_PX = 0.002, 0.01
-"""Subtraction systematics added to the difference variance (`_systematic_variance`)."""
-_SAT_HALO_FWHM = 3.0
-"""Pixels within this many PSF FWHM of saturated pixels are masked SUSPECT in the difference."""
 
 
 def alard_lupton_basis(sigmas: tuple[float, ...], degrees: tuple[int, ...], half: int) -> np.ndarray:
@@ -150,7 +154,8 @@ def fit_matching_kernel(
     basis : `numpy.ndarray`
         Kernel basis from `alard_lupton_basis`.
     spatial_order, bg_order : `int`
-        Polynomial orders of the kernel variation and of the background.
+        Polynomial orders of the kernel variation and of the background; the
+        kernel is constant with fewer than `_MIN_STAMPS_SPATIAL` stamps.
     stamp_half : `int`
         Half side of the fitted target stamps.
     min_stamps : `int`
@@ -171,6 +176,9 @@ def fit_matching_kernel(
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     if len(ix) < min_stamps:
         raise TooFewStarsError(_STEP, f"{len(ix)} kernel stamp(s), need {min_stamps}")
+    if len(ix) < _MIN_STAMPS_SPATIAL and spatial_order > 0:
+        _log.debug("Only %d kernel stamps: spatially constant kernel", len(ix))
+        spatial_order = 0
     conv, tgt, weight = _stamp_system(source, target, variance, ix, iy, basis, stamp_half)
     nb, nterm = len(basis), (spatial_order + 1) * (spatial_order + 2) // 2
     nbg = (bg_order + 1) * (bg_order + 2) // 2
@@ -275,55 +283,6 @@ def _apply_kernel(
     return diff, phi_small
 
 
-def _difference_exposure(
-    science: Exposure, template: Exposure, diff: np.ndarray, var: np.ndarray, psf: PsfModel, grow: int
-) -> Exposure:
-    """Assemble the difference exposure: combined mask, NO_DATA zeroed, variance rescaled to the noise."""
-    mask = _difference_mask(science, template, grow)
-    saturated = (mask & int(MaskPlane.SAT)) != 0
-    if saturated.any():  # PSF-wing mismatch leaves residuals around saturated stars
-        mask[grow_regions(saturated, _SAT_HALO_FWHM * science.psf.fwhm) & ~saturated] |= MaskPlane.SUSPECT
-    diff[(mask & int(MaskPlane.NO_DATA)) != 0] = 0.0
-    diff -= estimate_background(diff, mask, box=256)  # residual sky offsets bias the S/N map
-    scale = variance_scale(diff, var, mask)
-    var *= np.float32(scale)
-    var += _systematic_variance(science.image)
-    out = Exposure(image=diff, mask=mask, variance=var, wcs=science.wcs, psf=psf,
-                   zero_point=science.zero_point, metadata=science.metadata.copy())  # fmt: skip
-    out.metadata["VARSCALE"] = (round(scale, 4), "empirical variance-plane rescaling")
-    return out
-
-
-def _systematic_variance(image: np.ndarray) -> np.ndarray:
-    """Return the variance of subtraction systematics on bright sources (science units squared).
-
-    ``(f I)**2 + (d |grad I|)**2`` with ``f`` = `_SYSTEMATIC_FRACTION` (PSF-matching
-    residual) and ``d`` = `_REGISTRATION_PX` (registration error), like ZOGY's
-    astrometric-noise term: it keeps the residuals of very bright stars (dipoles,
-    rings) below the detection threshold and is negligible on faint sources and sky.
-    """
-    positive = np.maximum(image, np.float32(0.0))
-    grad_y, grad_x = np.gradient(positive)
-    out = grad_x * grad_x
-    out += grad_y * grad_y
-    out *= np.float32(_REGISTRATION_PX**2)
-    out += np.float32(_SYSTEMATIC_FRACTION**2) * positive * positive
-    return out
-
-
-def _difference_mask(science: Exposure, template: Exposure, grow: int) -> np.ndarray:
-    """OR the masks; grow template NO_DATA by the kernel size; mark the FFT-wrapped border EDGE."""
-    nodata = (template.mask & int(MaskPlane.NO_DATA)) != 0
-    if nodata.any():
-        nodata = ndimage.maximum_filter(nodata.view(np.uint8), size=2 * grow + 1) > 0
-    mask = science.mask | (template.mask & ~int(MaskPlane.EDGE))
-    mask[nodata] |= MaskPlane.NO_DATA
-    edge = np.ones(mask.shape, bool)
-    edge[grow:-grow, grow:-grow] = False
-    mask[edge] |= MaskPlane.EDGE
-    return mask
-
-
 def _alard_lupton(
     science: Exposure, template: Exposure, template_psf: PsfModel, x: np.ndarray, y: np.ndarray, opts: tuple
 ) -> tuple[np.ndarray, np.ndarray, PsfModel, MatchingKernel, int, str]:
@@ -398,6 +357,9 @@ def subtract_images(
     ------
     TooFewStarsError
         If too few clean stars exist for the template PSF or the kernel fit.
+    NumericalFailureError
+        If the kernel fit is singular, or the fitted flux ratio contradicts the
+        zero points (`workflow.zogy.check_flux_ratio`).
     BadImageError
         If the images differ in shape.
     ScienceDataError
@@ -427,7 +389,10 @@ def subtract_images(
         options = (mode, spatial_order, bg_order, decorrelate)
         result = _alard_lupton(science, template, template_psf, x, y, options)
         diff, var, psf, kernel, grow, convolved = result
-    out = _difference_exposure(science, template, diff, var, psf, grow)
+    if kernel is not None:
+        ratio = kernel.kernel_sum if convolved == "template" else 1.0 / kernel.kernel_sum
+    check_flux_ratio(ratio, science, template)
+    out = difference_exposure(science, template, diff, var, psf, grow, stars=stars)
     out.metadata.update(SUBMETH=method, SUBCONV=convolved, TMPLFWHM=round(template_psf.fwhm, 4))
     if kernel is not None:
         out.metadata.update(KERNSUM=kernel.kernel_sum, KERNSTMP=kernel.n_stamps)
