@@ -1,6 +1,7 @@
 # prompt-snake: one command to set up and run the demo, one to set up and pass the tests.
 #   make demo   - create .venv, install, build the embedded demo and run it (no servers)
 #   make test   - create .venv, install, run the test suite (tests start their own servers)
+#   make live-demo - broker, S3, stream shim and camera tester on this machine
 #   make report - HTML report with pictures of the last run (after make demo)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -9,7 +10,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo report clean-demo
+.PHONY: setup test demo live-demo report clean-demo
 
 setup: $(STAMP)
 
@@ -29,6 +30,12 @@ test: setup
 
 demo: setup
 	$(PY) scripts/demo.py
+
+# Observatory in a box: local broker + S3, the stream shim and the camera tester;
+# shows alerts arriving on the alert topic.  Uses the demo central repo.
+live-demo: setup
+	@test -f demo/central_repo/butler.yaml || $(PY) scripts/demo.py
+	$(PY) scripts/live_demo.py --repo demo/central_repo --scale 0.25
 
 # Night report of the run in this directory: pictures + metrics into build/report,
 # then one HTML page (report.html) through snakemake --report.

@@ -13,7 +13,8 @@ the value is a protobuf ``filer_pb.EventNotification``::
         bool is_from_other_cluster = 5;
         repeated int32 signatures = 6;
     }
-    message Entry { string name = 1; bool is_directory = 2; ... }
+    message Entry { string name = 1; bool is_directory = 2; ...; FuseAttributes attributes = 4; ... }
+    message FuseAttributes { uint64 file_size = 1; int64 mtime = 2; ... }
 
 Only those few fields are read, with a small wire-format reader, so no
 protobuf dependency is needed.
@@ -21,7 +22,7 @@ protobuf dependency is needed.
 
 from __future__ import annotations
 
-__all__ = ["CREATED", "DELETED", "RENAMED", "UPDATED", "FilerEvent", "decode_filer_event"]
+__all__ = ["CREATED", "DELETED", "RENAMED", "UPDATED", "FilerEvent", "decode_filer_event", "new_entry_attributes"]
 
 import logging
 from collections.abc import Iterator
@@ -171,3 +172,38 @@ def decode_filer_event(key: bytes | str | None, value: bytes) -> FilerEvent | No
     if parts is None:
         return None
     return FilerEvent(parts[0], parts[1], kind)
+
+
+def new_entry_attributes(value: bytes) -> tuple[int | None, int | None]:
+    """Return ``(file_size, mtime)`` of the new entry of a filer notification.
+
+    Parameters
+    ----------
+    value : `bytes`
+        The message value, a serialized ``filer_pb.EventNotification``.
+
+    Returns
+    -------
+    attributes : `tuple` [`int` or `None`, `int` or `None`]
+        Size in bytes and modification time (unix seconds) of ``new_entry``;
+        `None` for what the message does not hold.
+
+    Raises
+    ------
+    ValueError
+        Raised if ``value`` is not a well-formed protobuf message.
+    """
+    size: int | None = None
+    mtime: int | None = None
+    for number, field in _fields(value):
+        if number != 2 or not isinstance(field, bytes):
+            continue
+        for entry_number, entry_field in _fields(field):
+            if entry_number != 4 or not isinstance(entry_field, bytes):
+                continue
+            for attr_number, attr in _fields(entry_field):
+                if attr_number == 1 and isinstance(attr, int):
+                    size = attr
+                elif attr_number == 2 and isinstance(attr, int):
+                    mtime = attr
+    return size, mtime

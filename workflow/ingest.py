@@ -33,6 +33,7 @@ from typing import Any
 
 from astropy.io import fits
 
+from .arrivals import ArrivalIndex
 from .buckets import Bucket
 from .exceptions import NonRetriableError, RetriableError
 from .raw_keys import RawKeyLayout, sidecar_key
@@ -41,6 +42,7 @@ from .visit import DetectorVisit
 _log = logging.getLogger(__name__)
 
 _HEADER_BYTES = 2880 * 12  # enough for our primary headers; FITS blocks are 2880 B
+_LISTING_INTERVAL_S = 5.0  # with an arrival index: list the bucket this often (missed notifications)
 
 
 class RawTimeoutError(RetriableError, TimeoutError):
@@ -144,16 +146,22 @@ class RawFinder:
     has_sidecar : `bool`
         Whether the camera writes JSON sidecars (LSST cameras): the group id is
         read from them instead of the FITS header.
+    arrivals : `workflow.arrivals.ArrivalIndex`, optional
+        Index of raw arrivals kept by the stream shim; default: the one named
+        in the environment (`workflow.arrivals.ENV_VAR`), if any.  With an index
+        the bucket is listed only every few seconds, for missed notifications.
     """
 
     def __init__(self, bucket: Bucket, layout: RawKeyLayout, visit: DetectorVisit,
-                 detector_name: str, *, has_sidecar: bool) -> None:
+                 detector_name: str, *, has_sidecar: bool, arrivals: ArrivalIndex | None = None) -> None:
         self.bucket = bucket
         self.layout = layout
         self.visit = visit
         self.detector_name = detector_name
         self.has_sidecar = has_sidecar
-        self._group_of: dict[str, str | None] = {}  # key -> group, checked once each
+        self.arrivals = arrivals if arrivals is not None else ArrivalIndex.from_environment()
+        self._group_of: dict[str, str | None] = {}  # key -> group; None (no sidecar yet) is asked again
+        self._listed_at: float | None = None
 
     def listing_prefix(self) -> str:
         """Return the longest key prefix fixed by what the visit tells us."""
@@ -184,7 +192,7 @@ class RawFinder:
             return False
         if fields.group is not None:
             return fields.group == self.visit.groupId
-        if key not in self._group_of:
+        if self._group_of.get(key) is None:
             self._group_of[key] = self._group_from_metadata(key)
         return self._group_of[key] == self.visit.groupId
 
@@ -198,10 +206,20 @@ class RawFinder:
         header = read_primary_header(self.bucket.read_head(key, _HEADER_BYTES), where=f"{self.bucket.name}/{key}")
         return header.get("GROUPID")
 
+    def _candidates(self) -> list[str]:
+        """Keys that may be ours: the arrival index's, plus a bucket listing when due."""
+        keys: set[str] = set()
+        if self.arrivals is not None:
+            keys.update(self.arrivals.keys(self.visit.instrument, self.visit.day_obs, self.visit.detector))
+        due = self._listed_at is None or time.monotonic() - self._listed_at >= _LISTING_INTERVAL_S
+        if self.arrivals is None or due:
+            keys.update(self.bucket.list(self.listing_prefix()))
+            self._listed_at = time.monotonic()
+        return sorted(keys)
+
     def find(self) -> list[str]:
         """Return the keys of this detector-visit's raws present now."""
-        keys = self.bucket.list(self.listing_prefix())
-        found = [k for k in keys if self._belongs(k)]
+        found = [k for k in self._candidates() if self._belongs(k)]
         if self.has_sidecar:  # not complete until its sidecar exists
             found = [k for k in found if self._group_of.get(k) is not None]
         return found
@@ -216,11 +234,14 @@ class RawFinder:
             If fewer than ``expected`` raws arrived in time; names the visit,
             detector, what was found and how long it waited.
         """
-        deadline = time.monotonic() + window_s
+        deadline, listed_last = time.monotonic() + window_s, self.arrivals is None
         while True:
             keys = self.find()
             if len(keys) >= expected:
                 return keys[:expected] if expected else keys
+            if time.monotonic() >= deadline and not listed_last:
+                self._listed_at, listed_last = None, True  # one last bucket listing before giving up
+                continue
             if time.monotonic() >= deadline:
                 raise RawTimeoutError(
                     f"{self.visit.instrument} group {self.visit.groupId} detector {self.visit.detector}: "

@@ -1,0 +1,348 @@
+"""The two ways the shim runs Snakemake on its targets.
+
+`SubprocessPoolBackend` ("subprocess"): one ``snakemake --nolock`` process per
+batch (a visit's targets), in the shim's run directory, bounded so that the
+batches running hold at most ``max_cores`` cores; a batch waits for free cores.
+Each batch pays Snakemake's start-up (import, parse, DAG: ~2-3 s).
+
+`StreamingBackend` ("streaming"): one long-lived Snakemake process
+(`stream_shim.queue_runner`) whose DAG grows as targets arrive on its stdin;
+all visits share its ``--cores`` bound, and a new target starts within
+``--queue-input-wait-time`` (1 s).  Draining is closing stdin: Snakemake
+finishes what it has and exits.
+
+Both hand every child to `stream_shim.process_group` (own process group, dies
+with the shim, recorded for cleanup, stopped with SIGTERM then SIGKILL after
+bounded waits), and tell the `stream_shim.submission.Submitter` when a run
+ended or a job failed; the submitter reads the outcome files.
+"""
+
+from __future__ import annotations
+
+__all__ = ["Batch", "Backend", "SubprocessPoolBackend", "StreamingBackend", "job_error_target"]
+
+import collections
+import dataclasses
+import logging
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from .process_group import ChildRegistry, group_members, signal_group, spawn, stop_group
+
+_log = logging.getLogger(__name__)
+
+_DAY_OBS = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+_NOISE = ("Waiting for queue input...", "Updating jobs with queue input...")
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """Targets submitted together (one visit's, normally)."""
+
+    batch_id: str
+    targets: tuple[str, ...]
+
+
+EndedCallback = Callable[[Sequence[str], str], None]
+"""``(targets, reason)``: these targets' run ended; check their outcome files."""
+JobErrorCallback = Callable[[tuple[str, str, str, int]], None]
+"""``(instrument, day_obs, group, detector)`` of a job Snakemake reported failed."""
+
+
+class Backend(Protocol):
+    """What the submitter needs from a submission design."""
+
+    name: str
+
+    def start(self, on_ended: EndedCallback, on_job_error: JobErrorCallback) -> None: ...  # noqa: D102
+
+    def submit(self, batch: Batch) -> None: ...  # noqa: D102
+
+    def drain(self, grace_s: float, term_wait_s: float) -> None: ...  # noqa: D102
+
+    def processes(self) -> int: ...  # noqa: D102
+
+
+def job_error_target(output_line: str) -> tuple[str, str, str, int] | None:
+    """Return ``(instrument, day_obs, group, detector)`` from an ``output:`` line of a Snakemake error.
+
+    Outputs look like ``.../{instrument}/{day_obs}/{group}/{detector}/<name>.json``.
+    """
+    for path in output_line.split(":", 1)[-1].replace(",", " ").split():
+        parts = Path(path).parts
+        if len(parts) >= 5 and _DAY_OBS.match(parts[-4]) and parts[-2].isdigit():
+            return parts[-5], parts[-4], parts[-3], int(parts[-2])
+    return None
+
+
+class _OutputFilter:
+    """Copy a child's output to its log, dropping queue chatter, and spot failed jobs."""
+
+    def __init__(self, log: IO[str], on_job_error: JobErrorCallback) -> None:
+        self.log, self.on_job_error = log, on_job_error
+        self._in_error = False
+
+    def feed(self, line: str) -> None:
+        if line.strip() in _NOISE:
+            return
+        self.log.write(line)
+        self.log.flush()
+        stripped = line.strip()
+        if stripped.startswith("Error in rule "):
+            self._in_error = True
+        elif self._in_error and stripped.startswith("output:"):
+            self._in_error = False
+            key = job_error_target(stripped)
+            if key is not None:
+                self.on_job_error(key)
+        elif self._in_error and not stripped:
+            self._in_error = False
+
+
+class SubprocessPoolBackend:
+    """One Snakemake subprocess per batch, at most ``max_cores`` cores in use.
+
+    Parameters
+    ----------
+    command : callable
+        ``command(targets, cores)`` returns the Snakemake command line.
+    max_cores : `int` or `None`
+        Bound on the sum of ``--cores`` of the running batches; `None`: no bound
+        and no ``--cores`` (Kubernetes: the cluster bounds).
+    env : `~collections.abc.Mapping`
+        Environment of the children.
+    log_dir : `pathlib.Path`
+        One log file per batch here.
+    registry : `stream_shim.process_group.ChildRegistry`
+        Where children are recorded.
+    workdir : `pathlib.Path`
+        Working directory of the children.
+    """
+
+    name = "subprocess"
+
+    def __init__(self, command: Callable[[Sequence[str], int | None], list[str]], *, max_cores: int | None,
+                 env: Mapping[str, str], log_dir: Path, registry: ChildRegistry, workdir: Path) -> None:
+        self._command, self.max_cores, self._env = command, max_cores, dict(env)
+        self._log_dir, self._registry, self._workdir = Path(log_dir), registry, Path(workdir)
+        self._pending: collections.deque[Batch] = collections.deque()
+        self._running: dict[int, tuple[subprocess.Popen[Any], Batch, int]] = {}
+        self._wake = threading.Event()
+        self._lock = threading.Lock()
+        self._draining: tuple[float, float] | None = None
+        self._thread = threading.Thread(target=self._dispatch, name="snakemake-pool", daemon=True)
+        self._on_ended: EndedCallback = lambda targets, reason: None
+        self._count = 0
+
+    def start(self, on_ended: EndedCallback, on_job_error: JobErrorCallback) -> None:
+        """Start dispatching batches."""
+        self._on_ended = on_ended
+        self._thread.start()
+
+    def submit(self, batch: Batch) -> None:
+        """Queue a batch; it starts when cores are free."""
+        with self._lock:
+            self._pending.append(batch)
+        self._wake.set()
+
+    def processes(self) -> int:
+        """Return how many Snakemake processes run."""
+        with self._lock:
+            return len(self._running)
+
+    def _used(self) -> int:
+        return sum(cores for _, _, cores in self._running.values())
+
+    def _launch(self, batch: Batch, cores: int | None) -> None:
+        self._count += 1
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", batch.batch_id)
+        log_path = self._log_dir / f"snakemake-{self._count:05d}-{safe}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log:
+            proc = spawn(self._command(batch.targets, cores), registry=self._registry, cwd=self._workdir,
+                         env=self._env, stdout=log)
+        self._running[proc.pid] = (proc, batch, cores or 0)
+        _log.info("batch %s: %d target(s) started as pid %d with %s core(s); log %s", batch.batch_id,
+                  len(batch.targets), proc.pid, cores or "profile's", log_path)
+
+    def _reap(self) -> list[tuple[Batch, str]]:
+        """Forget the batches whose process exited; return them (call back outside the lock)."""
+        ended = []
+        for pid, (proc, batch, _) in list(self._running.items()):
+            if proc.poll() is None:
+                continue
+            how = stop_group(proc, wait_s=0, registry=self._registry)  # its jobs' leftovers, if any
+            del self._running[pid]
+            _log.info("batch %s: snakemake pid %d exited with %d (%s)", batch.batch_id, pid, proc.returncode, how)
+            ended.append((batch, f"snakemake exit {proc.returncode}"))
+        return ended
+
+    def _dispatch(self) -> None:
+        while True:
+            with self._lock:
+                ended = self._reap()
+                draining = self._draining is not None
+            for batch, reason in ended:
+                self._on_ended(batch.targets, reason)
+            if draining:
+                break
+            with self._lock:
+                while self._pending:
+                    free = None if self.max_cores is None else self.max_cores - self._used()
+                    if free is not None and free < 1:
+                        break
+                    batch = self._pending.popleft()
+                    cores = None if free is None else min(free, len(batch.targets))
+                    self._launch(batch, cores)
+            self._wake.wait(0.2)
+            self._wake.clear()
+        # Draining (in this thread: the children's death signal follows it).
+        grace_s, term_wait_s = self._draining
+        deadline = time.monotonic() + grace_s
+        with self._lock:
+            dropped = len(self._pending)
+            self._pending.clear()
+            running = list(self._running.values())
+        if dropped:
+            _log.info("drain: %d batch(es) not started; the journal keeps them for the next run", dropped)
+        for proc, batch, _ in running:
+            how = stop_group(proc, wait_s=deadline - time.monotonic(), term_wait_s=term_wait_s,
+                             registry=self._registry)
+            _log.info("drain: batch %s snakemake pid %d %s", batch.batch_id, proc.pid, how)
+            if how.startswith("exited"):  # stopped ones stay unfinished: the next run resumes them
+                self._on_ended(batch.targets, f"snakemake exit {proc.returncode}")
+        with self._lock:
+            self._running.clear()
+
+    def drain(self, grace_s: float, term_wait_s: float) -> None:
+        """Start no more batches; let running ones finish within ``grace_s``, then stop them."""
+        self._draining = (grace_s, term_wait_s)
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+
+class StreamingBackend:
+    """One long-lived Snakemake process fed targets on stdin (`stream_shim.queue_runner`).
+
+    Parameters
+    ----------
+    command : `list` [`str`]
+        Full command line of the child.
+    env : `~collections.abc.Mapping`
+        Environment of the child.
+    log_dir : `pathlib.Path`
+        The child's log (queue chatter removed) goes here.
+    registry : `stream_shim.process_group.ChildRegistry`
+        Where the child is recorded.
+    workdir : `pathlib.Path`
+        Working directory of the child.
+    unfinished : callable
+        Returns the targets without an outcome, fed again to a restarted child.
+    """
+
+    name = "streaming"
+    _RESTART_DELAY_S = 1.0  # doubled after each quick death (a broken workflow), up to _RESTART_MAX_S
+    _RESTART_MAX_S = 60.0
+
+    def __init__(self, command: list[str], *, env: Mapping[str, str], log_dir: Path, registry: ChildRegistry,
+                 workdir: Path, unfinished: Callable[[], list[str]]) -> None:
+        self._command, self._env, self._log_dir = command, dict(env), Path(log_dir)
+        self._registry, self._workdir, self._unfinished = registry, Path(workdir), unfinished
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self._draining: tuple[float, float] | None = None
+        self._drain_requested = threading.Event()
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._supervise, name="snakemake-stream", daemon=True)
+        self._on_ended: EndedCallback = lambda targets, reason: None
+        self._on_job_error: JobErrorCallback = lambda key: None
+        self.restarts = 0
+
+    def start(self, on_ended: EndedCallback, on_job_error: JobErrorCallback) -> None:
+        """Start the Snakemake process (and restart it if it dies)."""
+        self._on_ended, self._on_job_error = on_ended, on_job_error
+        self._thread.start()
+        self._started.wait(30.0)
+
+    def processes(self) -> int:
+        """Return 1 while the Snakemake process runs."""
+        proc = self._proc
+        return int(proc is not None and proc.poll() is None)
+
+    def submit(self, batch: Batch) -> None:
+        """Hand the targets to Snakemake (or keep them for the restarted process)."""
+        with self._lock:
+            proc = self._proc
+            if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
+                return  # fed by _spawn from the submitter's unfinished targets
+            try:
+                proc.stdin.write("".join(t + "\n" for t in batch.targets))
+                proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError) as exc:
+                _log.warning("batch %s: snakemake process not taking targets (%s); it will be restarted",
+                             batch.batch_id, exc)
+
+    def _spawn(self) -> subprocess.Popen[str]:
+        with self._lock:
+            self._proc = spawn(self._command, registry=self._registry, cwd=self._workdir, env=self._env,
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            again = self._unfinished()
+            if again:
+                assert self._proc.stdin is not None
+                self._proc.stdin.write("".join(t + "\n" for t in again))
+                self._proc.stdin.flush()
+        _log.info("snakemake streaming process started, pid %d%s", self._proc.pid,
+                  f"; {len(again)} unfinished target(s) fed again" if again else "")
+        return self._proc
+
+    def _supervise(self) -> None:
+        self._log_dir.mkdir(parents=True, exist_ok=True)
+        delay = self._RESTART_DELAY_S
+        with open(self._log_dir / "snakemake-stream.log", "a") as log:
+            while self._draining is None:
+                started = time.monotonic()
+                proc = self._spawn()
+                self._started.set()
+                assert proc.stdout is not None
+                output = _OutputFilter(log, self._on_job_error)
+                for line in proc.stdout:
+                    output.feed(line)
+                proc.wait()
+                if self._draining is not None:
+                    break
+                self.restarts += 1
+                delay = self._RESTART_DELAY_S if time.monotonic() - started > self._RESTART_MAX_S else delay
+                _log.error("snakemake streaming process pid %d exited with %d; restarting it in %.0f s (see %s)",
+                           proc.pid, proc.returncode, delay, log.name)
+                self._kill_group(proc)
+                self._drain_requested.wait(delay)
+                delay = min(2 * delay, self._RESTART_MAX_S)
+        self._started.set()
+
+    def _kill_group(self, proc: subprocess.Popen[str]) -> None:
+        if group_members(proc.pid):
+            signal_group(proc.pid, signal.SIGKILL)
+        stop_group(proc, wait_s=0, registry=self._registry)
+
+    def drain(self, grace_s: float, term_wait_s: float) -> None:
+        """Close Snakemake's input: it finishes what it has, within ``grace_s``; then stop it."""
+        self._draining = (grace_s, term_wait_s)
+        self._drain_requested.set()
+        with self._lock:
+            proc = self._proc
+            if proc is not None and proc.stdin is not None and not proc.stdin.closed:
+                try:
+                    proc.stdin.close()  # -> FINISHED: Snakemake completes its DAG and exits
+                except OSError:
+                    pass
+        if proc is not None:
+            how = stop_group(proc, wait_s=grace_s, term_wait_s=term_wait_s, registry=self._registry)
+            _log.info("drain: snakemake streaming process pid %d %s", proc.pid, how)
+        self._thread.join(timeout=term_wait_s + 15.0)

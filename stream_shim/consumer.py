@@ -1,0 +1,225 @@
+"""Kafka consumption: a poll loop with per-message commits, and the next_visit handler.
+
+`ConsumeLoop` polls one topic and hands each message to a handler; the offset is
+committed (synchronously) only when the handler has returned, so a message whose
+handling did not finish is delivered again after a restart (at least once).
+
+`NextVisitHandler` turns one next_visit into targets: decode (JSON or Avro,
+`workflow.visit.decode_next_visit`), check (`workflow.visit.check_usable`), fan out
+to the active detectors, write the per-detector visit files, journal the visit,
+submit its targets.  Anything unusable is logged, counted by reason and skipped.
+"""
+
+from __future__ import annotations
+
+__all__ = ["KafkaLog", "consumer_settings", "ConsumeLoop", "NextVisitHandler", "drop_reason"]
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from workflow.config import known_instruments
+from workflow.exceptions import IgnorableVisit, InvalidVisit, UnknownInstrumentError
+from workflow.target import TargetPaths
+from workflow.visit import CoordSys, NextVisit, RotSys, check_usable, decode_next_visit
+
+from .journal import AcceptedVisit, VisitJournal
+from .status import ShimStatus
+from .submission import Submitter
+from .target_store import LocalStore, TargetStore
+
+_log = logging.getLogger(__name__)
+
+_HANDLER_RETRIES = 3
+
+
+class KafkaLog:
+    """librdkafka's log lines, at DEBUG (they are noisy while a broker restarts)."""
+
+    def log(self, level: int, msg: str, *args: Any) -> None:
+        _log.debug("librdkafka: " + msg, *args)
+
+
+def consumer_settings(bootstrap: str, group: str, **extra: Any) -> dict[str, Any]:
+    """Return consumer settings: manual commits, earliest for a new group, quick group joins.
+
+    A new group starts at the earliest offset: stale next_visits are dropped by
+    age, so nothing old is processed, and nothing sent before the first start
+    is lost (Tansu's high watermark is not reliable enough for ``latest``).
+    """
+    return {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
+            "enable.auto.commit": False, "session.timeout.ms": 3000, "heartbeat.interval.ms": 750,
+            "logger": KafkaLog(), **extra}
+
+
+class ConsumeLoop(threading.Thread):
+    """Poll ``topic`` until ``stop`` is set; handle each message, then commit its offset.
+
+    Parameters
+    ----------
+    name : `str`
+        Name of the loop (thread name, status category).
+    settings : `~collections.abc.Mapping`
+        Consumer settings (`consumer_settings`).
+    topic : `str`
+        Topic to consume.
+    handler : callable
+        Called with each message.  An exception is retried a few times, then
+        the message is counted as ``handler_error`` and skipped.
+    stop : `threading.Event`
+        Ends the loop.
+    status : `stream_shim.status.ShimStatus`
+        Counts go here, category ``name``.
+    """
+
+    def __init__(self, name: str, settings: Mapping[str, Any], topic: str, handler: Callable[[Any], None],
+                 stop: threading.Event, status: ShimStatus) -> None:
+        super().__init__(name=name, daemon=True)
+        self.settings, self.topic, self.handler, self.stop, self.status = dict(settings), topic, handler, stop, status
+        self.failed: BaseException | None = None
+        self.assigned = threading.Event()
+
+    def run(self) -> None:
+        from confluent_kafka import Consumer
+
+        try:
+            consumer = Consumer(self.settings)
+        except Exception as exc:  # noqa: BLE001 - reported by the service
+            self.failed = exc
+            return
+        consumer.subscribe([self.topic], on_assign=lambda c, parts: self.assigned.set())
+        _log.info("consuming %s as group %s", self.topic, self.settings["group.id"])
+        try:
+            while not self.stop.is_set():
+                message = consumer.poll(0.5)
+                if message is None:
+                    continue
+                if message.error() is not None:
+                    self.status.count(self.name, "kafka_error")
+                    _log.warning("%s: Kafka error: %s", self.topic, message.error())
+                    continue
+                if not self._handle(message):
+                    break  # stopping in the middle: not committed, delivered again next time
+                consumer.commit(message=message, asynchronous=False)
+        except Exception as exc:  # noqa: BLE001 - reported by the service, which stops
+            self.failed = exc
+            _log.exception("%s consumer stopped", self.topic)
+        finally:
+            consumer.close()
+
+    def _handle(self, message: Any) -> bool:
+        """Handle a message, retrying; return `False` if stopped before it was handled or given up."""
+        for attempt in range(1, _HANDLER_RETRIES + 1):
+            try:
+                self.handler(message)
+                return True
+            except Exception:  # noqa: BLE001 - a message must not stop the shim
+                _log.exception("%s: handling offset %d of partition %d failed (attempt %d of %d)", self.topic,
+                               message.offset(), message.partition(), attempt, _HANDLER_RETRIES)
+            if attempt < _HANDLER_RETRIES and self.stop.wait(1.0):
+                return False
+        self.status.count(self.name, "handler_error")
+        return True
+
+
+def drop_reason(visit: NextVisit, error: IgnorableVisit) -> str:
+    """Return the counted reason of an ignorable next_visit."""
+    if visit.coordinateSystem != CoordSys.ICRS:
+        return "not_icrs"
+    if visit.rotationSystem != RotSys.SKY:
+        return "not_sky_rotation"
+    return "stale"
+
+
+class NextVisitHandler:
+    """Handle next_visit messages of one instrument.
+
+    Parameters
+    ----------
+    config : `~collections.abc.Mapping`
+        Merged configuration (``paths``, ``visit.max_age_s``).
+    detectors : sequence of `int`
+        The instrument's active detectors.
+    submitter : `stream_shim.submission.Submitter`
+        Where targets go.
+    journal : `stream_shim.journal.VisitJournal`
+        Where accepted visits are recorded.
+    status : `stream_shim.status.ShimStatus`
+        Counts go to category ``next_visit``.
+    workdir : `pathlib.Path`
+        Run directory (the config's relative paths are relative to it).
+    on_accepted : callable, optional
+        Called with each accepted visit after submission (early-arrival check).
+    store : `stream_shim.target_store.TargetStore`, optional
+        Where visit files are written (default: under ``workdir``).
+    """
+
+    def __init__(self, config: Mapping[str, Any], *, detectors: Sequence[int], submitter: Submitter,
+                 journal: VisitJournal, status: ShimStatus, workdir: Path,
+                 on_accepted: Callable[[NextVisit], None] | None = None, store: TargetStore | None = None) -> None:
+        self.config, self.detectors, self.submitter, self.journal = config, list(detectors), submitter, journal
+        self.status, self.workdir, self.on_accepted = status, Path(workdir), on_accepted
+        self.store: TargetStore = store if store is not None else LocalStore(self.workdir)
+        self.instrument = config["instrument"]["name"]
+        self.max_age_s = float(config["visit"]["max_age_s"])
+        self.known = known_instruments()
+
+    def __call__(self, message: Any) -> None:
+        """Handle one Kafka message."""
+        where = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
+        self.handle(message.value(), kafka=where)
+
+    def handle(self, value: bytes | str | None, *, kafka: dict[str, Any] | None = None,
+               now: float | None = None) -> str:
+        """Handle one message value; return what happened (``accepted`` or the drop reason)."""
+        where = f"next_visit at {kafka}" if kafka else "next_visit"
+        if value is None:
+            return self._drop("malformed", f"{where}: empty message")
+        try:
+            visit = decode_next_visit(value)
+        except InvalidVisit as exc:
+            return self._drop("malformed", f"{where}: {exc}")
+        context = {"instrument": visit.instrument, "group": visit.groupId}
+        try:
+            check_usable(visit, known_instruments=self.known, max_age_s=self.max_age_s, now=now)
+        except UnknownInstrumentError as exc:
+            return self._drop("unknown_instrument", f"{where}: {exc}", context)
+        except IgnorableVisit as exc:
+            return self._drop(drop_reason(visit, exc), f"{where}: {exc}", context)
+        if visit.instrument != self.instrument:
+            return self._drop("other_instrument", f"{where}: instrument {visit.instrument!r}, this shim serves "
+                              f"{self.instrument!r}", context)
+        return self.accept(visit, kafka=kafka)
+
+    def _drop(self, reason: str, message: str, context: Mapping[str, Any] | None = None) -> str:
+        self.status.count("next_visit", reason)
+        _log.warning("dropped (%s): %s", reason, message, extra={"reason": reason, **(context or {})})
+        return reason
+
+    def accept(self, visit: NextVisit, *, kafka: dict[str, Any] | None = None) -> str:
+        """Fan out, write visit files, journal, submit; return ``accepted`` or ``duplicate``."""
+        started = time.monotonic()
+        targets = []
+        for detector_visit in visit.fan_out(self.detectors):
+            paths = TargetPaths.from_visit(detector_visit, self.config)
+            self.store.write_json(paths.visit_file, detector_visit.to_dict())
+            targets.append(paths)
+        self.journal.append(AcceptedVisit(instrument=visit.instrument, day_obs=visit.day_obs, group=visit.groupId,
+                                          detectors=tuple(self.detectors), accepted=time.time(), kafka=kafka))
+        result = self.submitter.submit(targets, batch_id=visit.groupId)
+        outcome = "accepted" if result.submitted else "duplicate"
+        self.status.count("next_visit", outcome)
+        self.status.observe("accept_to_submit", time.monotonic() - started)
+        _log.info("%s group %s: %d target(s) submitted, %d already done, %d already failed, %d in flight",
+                  visit.instrument, visit.groupId, len(result.submitted), len(result.already_done),
+                  len(result.already_failed), len(result.in_flight),
+                  extra={"instrument": visit.instrument, "group": visit.groupId, "outcome": outcome})
+        if self.on_accepted is not None:
+            try:
+                self.on_accepted(visit)
+            except Exception:  # noqa: BLE001 - an early-arrival check is best effort
+                _log.exception("early-arrival check for group %s failed", visit.groupId)
+        return outcome

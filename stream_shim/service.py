@@ -1,0 +1,304 @@
+"""The stream shim service: wiring, start-up, resume, and graceful shutdown.
+
+Start-up: take the state directory's lock (one shim per run directory), run the
+health checks, kill what a crashed predecessor left running, start Snakemake
+(`stream_shim.backends`), submit again the unfinished targets of the journal,
+then consume three topics, each in its own thread:
+
+- next_visit -> `stream_shim.consumer.NextVisitHandler` (targets before the raws);
+- raw notifications -> `stream_shim.raw_arrival.RawArrivals` (the arrival index);
+- optionally SeaweedFS filer events -> `stream_shim.bridge.FilerBridge`.
+
+Shutdown (the ``stop`` event, set by the signal handlers of ``__main__``): stop
+taking next_visits, let Snakemake finish within the grace period, stop it
+(SIGTERM, then SIGKILL of its process group), stop the other consumers, write
+the final status.  Whatever did not finish is in the journal for the next run.
+"""
+
+from __future__ import annotations
+
+__all__ = ["DESIGNS", "ShimOptions", "ShimAlreadyRunningError", "StreamShim"]
+
+import dataclasses
+import fcntl
+import logging
+import os
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import IO, Any
+
+from workflow.arrivals import ENV_VAR, ArrivalIndex
+from workflow.buckets import open_bucket
+from workflow.config import instrument_config_path
+from workflow.exceptions import RetriableError
+from workflow.prep import instrument_for_run
+from workflow.snakemake_runner import snakemake_command
+from workflow.target import TargetPaths
+
+from .backends import Backend, StreamingBackend, SubprocessPoolBackend
+from .bridge import FilerBridge
+from .consumer import ConsumeLoop, NextVisitHandler, consumer_settings
+from .health import run_health_checks
+from .journal import VisitJournal
+from .process_group import ChildRegistry
+from .queue_runner import write_wrapper_snakefile
+from .raw_arrival import RawArrivals
+from .status import ShimStatus, StatusServer, StatusWriter
+from .submission import Submitter
+from .target_store import TargetStore, store_for_profile
+
+_log = logging.getLogger(__name__)
+
+DESIGNS = ("streaming", "subprocess")
+"""Submission designs: one long-lived Snakemake fed targets, or one Snakemake per batch."""
+_ARRIVALS_KEEP_S = 3 * 86400.0
+
+
+class ShimAlreadyRunningError(RetriableError, RuntimeError):
+    """Another shim holds the state directory of this run directory."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShimOptions:
+    """How the shim runs (the command line's options).
+
+    Attributes
+    ----------
+    instrument : `str`
+        Instrument served (its shipped config file is used).
+    workdir : `pathlib.Path`
+        Run directory: Snakemake's ``--directory``; the config's relative paths are under it.
+    profile : `str`
+        Snakemake profile (``profiles/local`` or ``profiles/k8s``).
+    config_files : `tuple` [`pathlib.Path`, ...]
+        Extra config files merged after the instrument's (absolute paths).
+    state_dir : `pathlib.Path` or `None`
+        Journal, status, logs, arrival index (default ``<workdir>/shim``).
+    design : `str`
+        One of `DESIGNS`; ``subprocess`` is forced with ``profiles/k8s``.
+    filer_topic : `str` or `None`
+        If set, run the bridge from this SeaweedFS filer topic.
+    status_port : `int` or `None`
+        Serve status over HTTP on this port (0: any).
+    grace_s, term_wait_s : `float`
+        Shutdown: time for Snakemake to finish, then between SIGTERM and SIGKILL.
+    health_check : `bool`
+        Run the start-up health checks.
+    max_concurrent_targets : `int` or `None`
+        Overrides ``submission.max_concurrent_targets``.
+    snakefile : `pathlib.Path` or `None`
+        Snakefile (default: the checkout's).  With ``profiles/k8s`` Snakemake ships
+        the sources below its working directory to the pods: run the shim in a
+        checkout (``--workdir`` = the Snakefile's directory).
+    storage_prefix, storage_endpoint_url : `str` or `None`
+        Override the profile's ``default-storage-prefix`` and ``storage-s3-endpoint-url``.
+    snakemake_args : `tuple` [`str`, ...]
+        Further Snakemake flags, passed on as they are.
+    """
+
+    instrument: str
+    workdir: Path
+    profile: str = "profiles/local"
+    config_files: tuple[Path, ...] = ()
+    state_dir: Path | None = None
+    design: str = "streaming"
+    filer_topic: str | None = None
+    status_port: int | None = None
+    grace_s: float = 60.0
+    term_wait_s: float = 10.0
+    health_check: bool = True
+    max_concurrent_targets: int | None = None
+    snakefile: Path | None = None
+    storage_prefix: str | None = None
+    storage_endpoint_url: str | None = None
+    snakemake_args: tuple[str, ...] = ()
+
+
+class StreamShim:
+    """One shim run.
+
+    Parameters
+    ----------
+    options : `ShimOptions`
+        Command-line options.
+    config : `~collections.abc.Mapping`
+        Merged configuration of the instrument (with the extra files).
+    """
+
+    def __init__(self, options: ShimOptions, config: Mapping[str, Any]) -> None:
+        self.options, self.config = options, config
+        self.workdir = Path(options.workdir).resolve()
+        self.state_dir = Path(options.state_dir or self.workdir / "shim").resolve()
+        self.k8s = Path(options.profile).name == "k8s"
+        self.design = "subprocess" if self.k8s else options.design
+        if self.design not in DESIGNS:
+            raise ValueError(f"design {options.design!r}: expected one of {DESIGNS}")
+        self.max_targets = int(options.max_concurrent_targets or config["submission"]["max_concurrent_targets"])
+        self.status = ShimStatus(config["instrument"]["name"], self.design)
+        self.journal = VisitJournal(self.state_dir / "journal.jsonl")
+        self.registry = ChildRegistry(self.state_dir / "children.json")
+        self.index = ArrivalIndex(self.state_dir / "arrivals")
+        self.store: TargetStore = store_for_profile(options.profile, self.workdir,
+                                                    storage_prefix=options.storage_prefix,
+                                                    endpoint_url=options.storage_endpoint_url)
+        self._lock_file: IO[str] | None = None
+        self.submitter: Submitter | None = None
+
+    # -- pieces -------------------------------------------------------------------------
+
+    def _take_lock(self) -> None:
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self._lock_file = open(self.state_dir / "lock", "w")
+        try:
+            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ShimAlreadyRunningError(f"another stream shim runs with state directory {self.state_dir}") from None
+        self._lock_file.write(str(os.getpid()))
+        self._lock_file.flush()
+
+    def _command(self, targets: list[str] | tuple[str, ...], cores: int | None, extra: list[str]) -> list[str]:
+        flags = ["--nolock", "--rerun-incomplete", "--set-threads", "ingest=0", *extra, *self.options.snakemake_args]
+        if cores is not None:
+            flags += ["--cores", str(cores)]
+        if self.options.storage_prefix:
+            flags += ["--default-storage-prefix", self.options.storage_prefix]
+        if self.options.storage_endpoint_url:
+            flags += ["--storage-s3-endpoint-url", self.options.storage_endpoint_url]
+        configfiles = [instrument_config_path(self.config["instrument"]["name"]), *self.options.config_files]
+        command = snakemake_command(list(targets), profile=self.options.profile, configfiles=configfiles,
+                                    directory=self.workdir, extra=flags)
+        if self.options.snakefile is not None:
+            command[command.index("--snakefile") + 1] = str(self.options.snakefile)
+        return command
+
+    def _backend(self, submitter_unfinished: Any) -> Backend:
+        env = dict(os.environ)
+        env[ENV_VAR] = str(self.index.root)
+        logs = self.state_dir / "logs"
+        if self.design == "subprocess":
+            max_cores = None if self.k8s else self.max_targets
+            return SubprocessPoolBackend(lambda targets, cores: self._command(targets, cores, []),
+                                         max_cores=max_cores, env=env, log_dir=logs, registry=self.registry,
+                                         workdir=self.workdir)
+        from workflow.config import PROJECT_ROOT
+
+        wrapper = write_wrapper_snakefile(self.state_dir / "stream", self.options.snakefile or PROJECT_ROOT / "Snakefile")
+        command = self._command([], self.max_targets, ["--queue-input-wait-time", "1"])
+        command[command.index("--snakefile") + 1] = str(wrapper)
+        k8s = command[2] == "workflow.k8s_executor"
+        command[1:3] = ["-m", "stream_shim.queue_runner", *(["--k8s"] if k8s else [])]
+        return StreamingBackend(command, env=env, log_dir=logs, registry=self.registry, workdir=self.workdir,
+                                unfinished=submitter_unfinished)
+
+    def _resume(self, submitter: Submitter) -> int:
+        """Submit again the journal's targets that have no outcome; compact the journal."""
+        keep, again = [], 0
+        for visit in self.journal.load():
+            targets = [TargetPaths(visit.instrument, visit.day_obs, visit.group, d, Path("."), self.config["paths"])
+                       for d in visit.detectors]
+            targets = [t for t in targets if (self.workdir / t.visit_file).exists()]
+            open_targets = [t for t in targets if not self.store.exists(t.done_file)
+                            and not self.store.exists(t.failed_file)]
+            if open_targets:
+                keep.append(visit)
+                again += len(submitter.submit(open_targets, batch_id=visit.group).submitted)
+        self.journal.rewrite(keep)
+        if again:
+            self.status.count("targets", "resumed", again)
+            _log.info("resumed %d unfinished target(s) of %d journaled visit(s)", again, len(keep))
+        return again
+
+    def _loops(self, intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter) -> list[ConsumeLoop]:
+        config, topics = self.config, self.config["kafka_topics"]
+        bootstrap, group = config["kafka"]["bootstrap"], config["kafka"]["consumer_group"]
+        instrument = instrument_for_run(config)
+        arrivals = RawArrivals(config, instrument=instrument, bucket=open_bucket(config, config["buckets"]["raw"]),
+                               index=self.index, status=self.status)
+        handler = NextVisitHandler(config, detectors=[d.id for d in instrument.active_detectors()],
+                                   submitter=submitter, journal=self.journal, status=self.status,
+                                   workdir=self.workdir, on_accepted=arrivals.check_early, store=self.store)
+        loops = [
+            ConsumeLoop("raw_notification", consumer_settings(bootstrap, f"{group}-raw-arrivals"),
+                        topics["raw_notification"], arrivals, stop_all, self.status),
+            ConsumeLoop("next_visit", consumer_settings(bootstrap, group), topics["next_visit"], handler,
+                        intake_stop, self.status),
+        ]
+        if self.options.filer_topic:
+            bridge = FilerBridge(bootstrap, topics["raw_notification"], [config["buckets"]["raw"]], self.status)
+            loops.append(ConsumeLoop("bridge", consumer_settings(bootstrap, f"{group}-filer-bridge"),
+                                     self.options.filer_topic, bridge, stop_all, self.status))
+        return loops
+
+    # -- the run ------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> int:
+        """Run until ``stop`` is set (or a consumer fails); return the exit status (0 or 1).
+
+        Raises
+        ------
+        ShimAlreadyRunningError
+            If another shim uses the same state directory.
+        stream_shim.health.HealthCheckError
+            If a service is unavailable at start-up.
+        """
+        started = time.monotonic()
+        self._take_lock()
+        self.registry.kill_leftovers()  # first: a crashed predecessor's jobs must not run beside ours
+        topics = self.config["kafka_topics"]
+        if self.options.health_check:
+            needed = [topics["next_visit"], topics["raw_notification"], topics["alerts"]]
+            run_health_checks(self.config, workdir=self.workdir,
+                              topics=needed + ([self.options.filer_topic] if self.options.filer_topic else []))
+        self.index.prune(_ARRIVALS_KEEP_S)
+        writer_stop = threading.Event()
+        writer = StatusWriter(self.status, self.state_dir / "status.json", writer_stop)
+        writer.start()
+        server = None
+        if self.options.status_port is not None:
+            server = StatusServer(self.status, self.options.status_port)
+            server.start()
+        submitter = self.submitter = Submitter(None, self.status, workdir=self.workdir, store=self.store,
+                                               poll_s=2.0 if self.k8s else 0.5)
+        submitter.backend = self._backend(submitter.unfinished)
+        submitter.start()
+        self._resume(submitter)
+        intake_stop, stop_all = threading.Event(), threading.Event()
+        loops = self._loops(intake_stop, stop_all, submitter)
+        for loop in loops:
+            loop.start()
+        self.status.state = "running"
+        _log.info("stream shim running for %s (design %s, %d concurrent target(s), profile %s) after %.1f s; "
+                  "state in %s", self.config["instrument"]["name"], self.design, self.max_targets,
+                  self.options.profile, time.monotonic() - started, self.state_dir)
+        code = 0
+        while not stop.wait(0.5):
+            dead = [loop for loop in loops if not loop.is_alive()]
+            if dead:
+                _log.error("consumer %s stopped (%s): shutting down", dead[0].name, dead[0].failed)
+                code = 1
+                break
+        self._shutdown(loops, intake_stop, stop_all, submitter)
+        if server is not None:
+            server.stop()
+        writer_stop.set()
+        writer.join(timeout=5.0)
+        return code
+
+    def _shutdown(self, loops: list[ConsumeLoop], intake_stop: threading.Event, stop_all: threading.Event,
+                  submitter: Submitter) -> None:
+        self.status.state = "draining"
+        _log.info("stopping: no more next_visits; %d target(s) in flight get %.0f s to finish",
+                  len(submitter.unfinished()), self.options.grace_s)
+        intake_stop.set()
+        for loop in loops:
+            if loop.name == "next_visit":
+                loop.join(timeout=10.0)
+        submitter.drain(self.options.grace_s, self.options.term_wait_s)
+        stop_all.set()
+        for loop in loops:
+            loop.join(timeout=10.0)
+        left = submitter.unfinished()
+        self.status.state = "stopped"
+        _log.info("stopped; %d unfinished target(s) stay in the journal for the next run", len(left))

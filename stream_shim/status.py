@@ -1,0 +1,222 @@
+"""What the shim has done: counts by reason, target states, latencies.
+
+`ShimStatus` is shared by the shim's threads (every method is thread-safe).  It
+is written as a JSON status file every second (`StatusWriter`) and can be served
+over HTTP (`StatusServer`: ``/status`` JSON, ``/metrics`` in the Prometheus text
+format, ``/healthz``).
+"""
+
+from __future__ import annotations
+
+__all__ = ["ShimStatus", "StatusWriter", "StatusServer", "percentile"]
+
+import collections
+import http.server
+import json
+import logging
+import math
+import os
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+_log = logging.getLogger(__name__)
+
+_LATENCY_WINDOW = 2000  # keep the latest samples of each latency
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Return the ``q``-th percentile (0-100, nearest rank) of ``values``, or `None` if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(1, math.ceil(q / 100.0 * len(ordered)))
+    return ordered[rank - 1]
+
+
+class ShimStatus:
+    """Counters, gauges and latency samples of one shim run.
+
+    Parameters
+    ----------
+    instrument : `str`
+        Instrument the shim serves.
+    design : `str`
+        Submission design in use.
+    """
+
+    def __init__(self, instrument: str, design: str) -> None:
+        self.instrument = instrument
+        self.design = design
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
+        self._latencies: dict[str, collections.deque[float]] = collections.defaultdict(
+            lambda: collections.deque(maxlen=_LATENCY_WINDOW))
+        self._gauges: dict[str, Callable[[], Mapping[str, int]]] = {}
+        self.state = "starting"
+
+    def count(self, category: str, reason: str, n: int = 1) -> None:
+        """Add ``n`` to the count of ``reason`` in ``category`` (e.g. ``next_visit``, ``stale``)."""
+        with self._lock:
+            self._counts[category][reason] += n
+
+    def counts(self, category: str) -> dict[str, int]:
+        """Return the counts of one category."""
+        with self._lock:
+            return dict(self._counts.get(category, {}))
+
+    def observe(self, name: str, seconds: float) -> None:
+        """Record one latency sample of ``name`` (e.g. ``submit_to_outcome``)."""
+        with self._lock:
+            self._latencies[name].append(float(seconds))
+
+    def gauge(self, name: str, provider: Callable[[], Mapping[str, int]]) -> None:
+        """Register a function giving current values (e.g. targets by state) under ``name``."""
+        self._gauges[name] = provider
+
+    def snapshot(self) -> dict[str, Any]:
+        """Return everything as a JSON-friendly `dict`."""
+        with self._lock:
+            counts = {c: dict(sorted(v.items())) for c, v in sorted(self._counts.items())}
+            samples = {n: list(v) for n, v in self._latencies.items()}
+        latencies = {
+            name: {"count": len(v), "p50_s": _round(percentile(v, 50)), "p95_s": _round(percentile(v, 95)),
+                   "max_s": _round(max(v) if v else None)}
+            for name, v in sorted(samples.items())
+        }
+        gauges = {}
+        for name, provider in self._gauges.items():
+            try:
+                gauges[name] = dict(provider())
+            except Exception as exc:  # noqa: BLE001 - a status report must not fail
+                gauges[name] = {"error": str(exc)}
+        return {"instrument": self.instrument, "design": self.design, "state": self.state,
+                "pid": os.getpid(), "started": self.started, "updated": time.time(),
+                "uptime_s": round(time.time() - self.started, 3), "counts": counts, "gauges": gauges,
+                "latencies": latencies}
+
+    def prometheus(self) -> str:
+        """Return the counts, gauges and latency quantiles in the Prometheus text format."""
+        snap = self.snapshot()
+        lines = ["# HELP prompt_snake_shim_events_total Events handled by the stream shim, by category and reason.",
+                 "# TYPE prompt_snake_shim_events_total counter"]
+        for category, reasons in snap["counts"].items():
+            for reason, value in reasons.items():
+                lines.append(f'prompt_snake_shim_events_total{{category="{_esc(category)}",'
+                             f'reason="{_esc(reason)}"}} {value}')
+        lines += ["# HELP prompt_snake_shim_gauge Current values (targets by state, ...).",
+                  "# TYPE prompt_snake_shim_gauge gauge"]
+        for name, values in snap["gauges"].items():
+            for key, value in values.items():
+                if isinstance(value, (int, float)):
+                    lines.append(f'prompt_snake_shim_gauge{{name="{_esc(name)}",key="{_esc(key)}"}} {value}')
+        lines += ["# HELP prompt_snake_shim_latency_seconds Latency quantiles over the latest samples.",
+                  "# TYPE prompt_snake_shim_latency_seconds summary"]
+        for name, stats in snap["latencies"].items():
+            for quantile, key in (("0.5", "p50_s"), ("0.95", "p95_s")):
+                if stats[key] is not None:
+                    lines.append(f'prompt_snake_shim_latency_seconds{{name="{_esc(name)}",'
+                                 f'quantile="{quantile}"}} {stats[key]}')
+            lines.append(f'prompt_snake_shim_latency_seconds_count{{name="{_esc(name)}"}} {stats["count"]}')
+        lines.append(f"prompt_snake_shim_uptime_seconds {snap['uptime_s']}")
+        return "\n".join(lines) + "\n"
+
+    def write(self, path: str | Path) -> None:
+        """Write the snapshot to ``path`` atomically (temporary file, then rename)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, prefix=".tmp-status-") as tmp:
+            json.dump(self.snapshot(), tmp, indent=1, sort_keys=True)
+        os.replace(tmp.name, path)
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
+
+
+def _esc(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
+
+
+class StatusWriter(threading.Thread):
+    """Write the status file every ``interval_s`` until ``stop`` is set, and once more at the end."""
+
+    def __init__(self, status: ShimStatus, path: str | Path, stop: threading.Event, interval_s: float = 1.0) -> None:
+        super().__init__(name="status-writer", daemon=True)
+        self.status, self.path, self.stop, self.interval_s = status, Path(path), stop, interval_s
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval_s):
+            self._write()
+        self._write()
+
+    def _write(self) -> None:
+        try:
+            self.status.write(self.path)
+        except OSError as exc:
+            _log.warning("cannot write status file %s: %s", self.path, exc)
+
+
+class StatusServer:
+    """A tiny HTTP server on ``host:port``: ``/status``, ``/metrics``, ``/healthz``.
+
+    Parameters
+    ----------
+    status : `ShimStatus`
+        What to serve.
+    port : `int`
+        TCP port (0: any free one; see `port` after `start`).
+    host : `str`, optional
+        Address to bind.
+    """
+
+    def __init__(self, status: ShimStatus, port: int, host: str = "127.0.0.1") -> None:
+        shim_status = status
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the http.server API
+                if self.path.startswith("/metrics"):
+                    body, kind = shim_status.prometheus().encode(), "text/plain; version=0.0.4"
+                elif self.path.startswith("/status"):
+                    body, kind = json.dumps(shim_status.snapshot(), indent=1).encode(), "application/json"
+                elif self.path.startswith("/healthz"):
+                    healthy = shim_status.state in ("running", "draining")
+                    body, kind = shim_status.state.encode(), "text/plain"
+                    if not healthy:
+                        self.send_response(503)
+                        self._finish(body, kind)
+                        return
+                else:
+                    self.send_response(404)
+                    self._finish(b"not found: try /status, /metrics or /healthz\n", "text/plain")
+                    return
+                self.send_response(200)
+                self._finish(body, kind)
+
+            def _finish(self, body: bytes, kind: str) -> None:
+                self.send_header("Content-Type", kind)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the http.server API
+                _log.debug("status http: " + format, *args)
+
+        self._server = http.server.ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, name="status-http", daemon=True)
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread.start()
+        _log.info("status served on http://127.0.0.1:%d/status (and /metrics, /healthz)", self.port)
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()

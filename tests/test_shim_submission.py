@@ -1,0 +1,238 @@
+"""Tests for `stream_shim.submission`, `stream_shim.journal`, `stream_shim.status` and
+`stream_shim.consumer.NextVisitHandler` (no broker: messages are handed in directly)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from astropy.time import Time
+
+from stream_shim.backends import Batch, _OutputFilter, job_error_target
+from stream_shim.consumer import NextVisitHandler
+from stream_shim.journal import AcceptedVisit, VisitJournal
+from stream_shim.status import ShimStatus, StatusServer, percentile
+from stream_shim.submission import Submitter, target_key
+from workflow.config import load_config
+from workflow.prep import instrument_for_run
+from workflow.target import TargetPaths, write_json
+from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+
+GROUP = "2026-11-28T01:02:03.456"
+
+
+class FakeBackend:
+    """Records batches; lets a test end runs and report job errors."""
+
+    name = "fake"
+
+    def __init__(self) -> None:
+        self.batches: list[Batch] = []
+        self.on_ended = self.on_job_error = None
+        self.drained = False
+
+    def start(self, on_ended, on_job_error) -> None:
+        self.on_ended, self.on_job_error = on_ended, on_job_error
+
+    def submit(self, batch: Batch) -> None:
+        self.batches.append(batch)
+
+    def drain(self, grace_s: float, term_wait_s: float) -> None:
+        self.drained = True
+
+    def processes(self) -> int:
+        return len(self.batches)
+
+
+def _targets(detectors, group=GROUP) -> list[TargetPaths]:
+    return [TargetPaths("LSSTComCamSim", "2026-11-27", group, d) for d in detectors]
+
+
+def _wait(predicate, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture
+def submitter(tmp_path):
+    backend, status = FakeBackend(), ShimStatus("LSSTComCamSim", "fake")
+    sub = Submitter(backend, status, workdir=tmp_path, poll_s=0.05)
+    sub.start()
+    yield sub, backend, status
+    sub.drain(0, 0)
+
+
+class TestSubmitter:
+    """Tests for `stream_shim.submission.Submitter`."""
+
+    def test_dedupes_done_failed_and_in_flight(self, submitter, tmp_path) -> None:
+        sub, backend, status = submitter
+        done, failed, fresh = _targets([0, 1, 2])
+        write_json(tmp_path / done.done_file, {})
+        write_json(tmp_path / failed.failed_file, {"error": "RawTimeoutError"})
+        result = sub.submit([done, failed, fresh], batch_id=GROUP)
+        assert result.submitted == (str(fresh.done_file),)
+        assert result.already_done == (str(done.done_file),) and result.already_failed == (str(failed.done_file),)
+        again = sub.submit([fresh], batch_id=GROUP)
+        assert again.submitted == () and again.in_flight == (str(fresh.done_file),)
+        assert [b.targets for b in backend.batches] == [(str(fresh.done_file),)]
+        assert status.counts("targets") == {"submitted": 1, "already_done": 1, "already_failed": 1,
+                                            "already_in_flight": 1}
+
+    def test_follows_outcome_files(self, submitter, tmp_path) -> None:
+        sub, _, status = submitter
+        ok, bad = _targets([3, 4])
+        sub.submit([ok, bad], batch_id=GROUP)
+        write_json(tmp_path / ok.done_file, {"outcome": "ok"})
+        write_json(tmp_path / bad.failed_file, {"error": "RawTimeoutError", "retriable": True, "stage": "ingest"})
+        assert _wait(lambda: not sub.unfinished())
+        assert status.counts("targets")["done"] == 1 and status.counts("targets")["failed"] == 1
+        assert status.counts("failures") == {"RawTimeoutError": 1}
+        assert status.snapshot()["latencies"]["submit_to_outcome"]["count"] == 2
+        assert sub.gauges()["done"] == 1 and sub.gauges()["in_flight"] == 0
+
+    def test_run_ended_without_outcome_is_no_outcome(self, submitter, monkeypatch) -> None:
+        monkeypatch.setattr("stream_shim.submission._NO_OUTCOME_DELAY_S", 0.1)
+        sub, backend, status = submitter
+        (target,) = _targets([5])
+        sub.submit([target], batch_id=GROUP)
+        backend.on_job_error(("LSSTComCamSim", "2026-11-27", GROUP, 5))
+        assert _wait(lambda: not sub.unfinished())
+        assert status.counts("failures") == {"NoOutcome": 1}
+
+    def test_target_key(self) -> None:
+        assert target_key(f"results/LSSTComCamSim/2026-11-27/{GROUP}/7/done.json") == (
+            "LSSTComCamSim", "2026-11-27", GROUP, 7)
+
+
+class TestSnakemakeOutput:
+    """Tests for `stream_shim.backends.job_error_target` and the output filter."""
+
+    def test_job_error_target(self) -> None:
+        line = f"    output: work_area/LSSTComCamSim/2026-11-27/{GROUP}/3/ingest.json"
+        assert job_error_target(line) == ("LSSTComCamSim", "2026-11-27", GROUP, 3)
+        assert job_error_target("    output: out/3.txt") is None
+
+    def test_filter_drops_queue_chatter_and_spots_errors(self, tmp_path) -> None:
+        seen, log_path = [], tmp_path / "log"
+        with open(log_path, "w") as log:
+            output = _OutputFilter(log, seen.append)
+            for line in ["Waiting for queue input...\n", "Error in rule ingest:\n", "    jobid: 3\n",
+                         f"    output: work_area/LSSTComCamSim/2026-11-27/{GROUP}/3/ingest.json\n", "\n"]:
+                output.feed(line)
+        assert seen == [("LSSTComCamSim", "2026-11-27", GROUP, 3)]
+        assert "Waiting" not in log_path.read_text() and "Error in rule ingest" in log_path.read_text()
+
+
+class TestVisitJournal:
+    """Tests for `stream_shim.journal.VisitJournal`."""
+
+    def test_append_load_skip_torn_line_rewrite(self, tmp_path) -> None:
+        journal = VisitJournal(tmp_path / "j" / "journal.jsonl")
+        assert journal.load() == []
+        first = AcceptedVisit(instrument="X", day_obs="2026-11-27", group="g1", detectors=(1, 2), accepted=1.0,
+                              kafka={"topic": "t", "partition": 0, "offset": 5})
+        second = AcceptedVisit(instrument="X", day_obs="2026-11-27", group="g2", detectors=(3,), accepted=2.0)
+        journal.append(first)
+        journal.append(second)
+        with open(journal.path, "a") as stream:
+            stream.write('{"instrument": "X", "gro')  # a crash mid-write
+        assert journal.load() == [first, second]
+        journal.rewrite([second])
+        assert journal.load() == [second]
+
+
+class TestShimStatus:
+    """Tests for `stream_shim.status`."""
+
+    def test_counts_gauges_latencies_prometheus(self, tmp_path) -> None:
+        status = ShimStatus("LSSTComCamSim", "streaming")
+        status.count("next_visit", "stale", 2)
+        status.gauge("targets", lambda: {"running": 3})
+        for seconds in (1.0, 2.0, 3.0, 10.0):
+            status.observe("submit_to_outcome", seconds)
+        snap = status.snapshot()
+        assert snap["counts"] == {"next_visit": {"stale": 2}} and snap["gauges"]["targets"] == {"running": 3}
+        assert snap["latencies"]["submit_to_outcome"] == {"count": 4, "p50_s": 2.0, "p95_s": 10.0, "max_s": 10.0}
+        text = status.prometheus()
+        assert 'prompt_snake_shim_events_total{category="next_visit",reason="stale"} 2' in text
+        assert 'prompt_snake_shim_gauge{name="targets",key="running"} 3' in text
+        assert 'prompt_snake_shim_latency_seconds{name="submit_to_outcome",quantile="0.95"} 10.0' in text
+        status.write(tmp_path / "status.json")
+        assert json.loads((tmp_path / "status.json").read_text())["counts"] == snap["counts"]
+        assert percentile([], 50) is None and percentile([5.0], 95) == 5.0
+
+    def test_http_endpoint(self) -> None:
+        status = ShimStatus("LSSTComCamSim", "streaming")
+        server = StatusServer(status, 0)
+        server.start()
+        try:
+            base = f"http://127.0.0.1:{server.port}"
+            with pytest.raises(urllib.error.HTTPError, match="503"):
+                urllib.request.urlopen(base + "/healthz", timeout=5)
+            status.state = "running"
+            assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == b"running"
+            assert json.loads(urllib.request.urlopen(base + "/status", timeout=5).read())["state"] == "running"
+            assert b"prompt_snake_shim_uptime_seconds" in urllib.request.urlopen(base + "/metrics", timeout=5).read()
+        finally:
+            server.stop()
+
+
+def _visit(**changes) -> NextVisit:
+    now = Time.now().unix_tai
+    fields = dict(salIndex=1, scriptSalIndex=1, instrument="LSSTComCamSim", groupId=GROUP,
+                  coordinateSystem=CoordSys.ICRS, position=[150.1, 2.2], startTime=now,
+                  rotationSystem=RotSys.SKY, cameraAngle=0.0, filters="r_03", dome=Dome.OPEN, duration=10.0,
+                  nimages=1, survey="SURVEY", totalCheckpoints=0, private_sndStamp=now)
+    return NextVisit(**{**fields, **changes})
+
+
+class TestNextVisitHandler:
+    """Tests for `stream_shim.consumer.NextVisitHandler`."""
+
+    @pytest.fixture
+    def handler(self, submitter, tmp_path):
+        sub, backend, status = submitter
+        config = load_config(instrument="LSSTComCamSim")
+        detectors = [d.id for d in instrument_for_run(config).active_detectors()]
+        early: list[str] = []
+        handler = NextVisitHandler(config, detectors=detectors, submitter=sub, journal=VisitJournal(
+            tmp_path / "journal.jsonl"), status=status, workdir=tmp_path, on_accepted=lambda v: early.append(v.groupId))
+        return handler, backend, status, early
+
+    def test_accepts_json_and_framed_avro_once(self, handler, tmp_path) -> None:
+        handler, backend, status, early = handler
+        visit = _visit()
+        assert handler.handle(visit.to_json().encode(), kafka={"topic": "t", "partition": 0, "offset": 1}) == \
+            "accepted"
+        files = sorted((tmp_path / "visits" / "LSSTComCamSim" / visit.day_obs / GROUP).glob("*.json"))
+        assert [int(f.stem) for f in files] == list(range(9))
+        assert json.loads(files[4].read_text())["detector"] == 4
+        assert len(backend.batches) == 1 and len(backend.batches[0].targets) == 9
+        # The same visit again (redelivery), as the summit's framed Avro: nothing new is submitted.
+        assert handler.handle(visit.to_avro(schema_id=7)) == "duplicate"
+        assert len(backend.batches) == 1 and early == [GROUP, GROUP]
+        assert [v.group for v in handler.journal.load()] == [GROUP, GROUP]
+        assert status.counts("next_visit") == {"accepted": 1, "duplicate": 1}
+
+    def test_drops_with_counted_reasons(self, handler) -> None:
+        handler, backend, status, _ = handler
+        assert handler.handle(b"{not json") == "malformed"
+        assert handler.handle(b"\x00\x00\x00\x00\x01garbage") == "malformed"
+        assert handler.handle(None) == "malformed"
+        assert handler.handle(_visit(instrument="NoSuchCam").to_json()) == "unknown_instrument"
+        assert handler.handle(_visit(instrument="HSC").to_json()) == "other_instrument"
+        assert handler.handle(_visit(private_sndStamp=Time.now().unix_tai - 7200).to_json()) == "stale"
+        assert handler.handle(_visit(coordinateSystem=CoordSys.OBSERVED).to_json()) == "not_icrs"
+        assert handler.handle(_visit(rotationSystem=RotSys.MOUNT).to_json()) == "not_sky_rotation"
+        assert backend.batches == []
+        assert status.counts("next_visit") == {"malformed": 3, "unknown_instrument": 1, "other_instrument": 1,
+                                               "stale": 1, "not_icrs": 1, "not_sky_rotation": 1}
