@@ -50,7 +50,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=2, help="visits (default 2)")
     parser.add_argument("--scale", type=float, default=1.0, help="detector shrink factor (default 1: full size)")
-    parser.add_argument("--repo", default=None, help="central repo (default demo/central_repo_scale<S>)")
+    parser.add_argument("--repo", default=None, help="central repo (default WORKDIR/central_repo_scale<S>, 0.5 -> 0p5)")
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / "demo" / "bench_latency"), help="run directory")
     parser.add_argument("--design", default="streaming", choices=("streaming", "subprocess"))
     parser.add_argument("--exptime", type=float, default=30.0, help="seconds per exposure (default 30)")
@@ -246,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
         return 0
-    repo = Path(args.repo or PROJECT_ROOT / "demo" / f"central_repo_scale{args.scale:g}").resolve()
+    scale_tag = f"{args.scale:g}".replace(".", "p")  # no dot: the Butler would take ".125" for a file suffix
+    repo = Path(args.repo or Path(args.workdir) / f"central_repo_scale{scale_tag}").resolve()
     started = time.monotonic()
     built = ensure_central_repo(repo, INSTRUMENT, args.scale)
     print(f"central repo {repo}: {'built in %.0f s' % (time.monotonic() - started) if built else 'existing'}",

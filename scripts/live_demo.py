@@ -1,11 +1,12 @@
 """Live demo: camera -> Kafka/S3 -> stream shim -> Snakemake -> alerts on Kafka, all on this machine.
 
-    python scripts/live_demo.py [--groups 2] [--repo demo/central_repo] [--workdir demo/live]
+    python scripts/live_demo.py [--groups 2] [--workdir demo/live] [--repo WORKDIR/central_repo]
         [--scale 0.25] [--design streaming|subprocess] [--late-detector ID ...] [--skip-detector ID ...]
 
 1. Build the demo central repo if it is missing (LSSTComCamSim at --scale, templates at the
    demo field ra=150.1 dec=2.2: `scripts/make_central_repo.py --instruments LSSTComCamSim
-   --repo REPO --scale 0.25 --visits 1`).
+   --repo REPO --scale 0.25 --visits 1`).  It belongs with WORKDIR: runs export their
+   exposures to it, and WORKDIR keeps the raw bucket whose sequence numbers follow on.
 2. Start a Kafka broker (Tansu), S3 (SeaweedFS, publishing filer events) and the shim
    (``python -m stream_shim`` with the filer bridge; its JSON log is WORKDIR/shim.log).
 3. Run the camera, ``scripts/upload.py``, for a few groups at the demo field.
@@ -32,7 +33,7 @@ INSTRUMENT = "LSSTComCamSim"
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=2, help="visits the camera takes (default 2)")
-    parser.add_argument("--repo", default=str(PROJECT_ROOT / "demo" / "central_repo"), help="central repo")
+    parser.add_argument("--repo", default=None, help="central repo (default WORKDIR/central_repo)")
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / "demo" / "live"), help="run directory")
     parser.add_argument("--scale", type=float, default=0.25, help="detector shrink factor (the repo's)")
     parser.add_argument("--design", default="streaming", choices=("streaming", "subprocess"))
@@ -69,7 +70,8 @@ def _count_alerts(bootstrap: str, topic: str, stop: threading.Event, counts: col
 def main(argv: list[str] | None = None) -> int:
     """Run the demo; return 0 if every target ended (done, or failed with a classified error)."""
     args = _parse(argv)
-    repo, workdir = Path(args.repo).resolve(), Path(args.workdir).resolve()
+    workdir = Path(args.workdir).resolve()
+    repo = Path(args.repo).resolve() if args.repo else workdir / "central_repo"
     print(f"central repo {repo}: " + ("built" if ensure_central_repo(repo, INSTRUMENT, args.scale) else
                                       f"existing (it must have been built at scale {args.scale})"), flush=True)
     late = args.late_detector if args.late_detector is not None else ["4"]

@@ -5,6 +5,11 @@ starts a Tansu broker and a SeaweedFS S3 server (publishing filer events), write
 an extra config file pointing the instrument at them, creates the raw bucket,
 starts ``python -m stream_shim`` with the filer bridge, and waits until it runs;
 on exit it stops the shim with SIGTERM (graceful) and then the servers.
+
+The S3 data stays in ``<workdir>/services/s3``: a later run in the same directory
+finds its raws, so the camera's sequence numbers (hence exposure ids) continue
+instead of colliding with exposures an earlier run exported to the central repo.
+Keep the central repo with the run directory for the same reason.
 """
 
 from __future__ import annotations
@@ -116,7 +121,9 @@ class LiveStack:
         }, self.overrides)
         self.config_file.write_text(yaml.safe_dump(settings))
         self.config = load_config(instrument=self.instrument, extra_files=[self.config_file])
-        self.s3.client().create_bucket(Bucket=self.config["buckets"]["raw"])
+        client = self.s3.client()
+        if self.config["buckets"]["raw"] not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+            client.create_bucket(Bucket=self.config["buckets"]["raw"])
         with open(self.workdir / "shim.log", "ab") as log:
             self.shim = subprocess.Popen(
                 [sys.executable, "-m", "stream_shim", "--instrument", self.instrument, "--config-file",
