@@ -10,11 +10,9 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
-import pytest
 
 from stream_shim.backends import Batch, StreamingBackend, SubprocessPoolBackend
 from stream_shim.process_group import ChildRegistry, group_members, process_start_ticks, spawn, stop_group

@@ -4,10 +4,8 @@
 from __future__ import annotations
 
 import json
-import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from astropy.time import Time
