@@ -1,6 +1,7 @@
 """Run one stage of a detector-visit target through the node's warm stage server.
 
-Rules call ``python -m workflow.stage_client STAGE CONFIG_JSON LOG -- ARGS...``.
+Rules call ``python -S workflow/stage_client.py STAGE CONFIG_JSON LOG -- ARGS...``
+(``python -m workflow.stage_client`` works too).
 Starting Python and importing the Butler, the APDB and the science stack costs
 seconds per job, more than most stages take (see scripts/bench_workflow.py), so
 the stages run in a child forked from a server that has imported them once
@@ -24,6 +25,8 @@ from pathlib import Path
 
 _START_TIMEOUT_S = 60.0
 PACKAGE_DIR = Path(__file__).resolve().parent
+CLIENT_SCRIPT = str(Path(__file__).resolve())
+"""This file, as rules run it (``python -S CLIENT_SCRIPT ...``: no site-packages needed)."""
 
 
 def socket_path() -> Path:
@@ -65,6 +68,11 @@ def _connect_or_start(path: Path) -> socket.socket | None:
 
 
 def _run_locally(request: dict) -> int:
+    if str(PACKAGE_DIR.parent) not in sys.path:  # started as a script, maybe without site-packages
+        sys.path.insert(0, str(PACKAGE_DIR.parent))
+        import site
+
+        site.main()
     from workflow.stage_server import run_request
 
     return run_request(request)
