@@ -14,6 +14,8 @@ rule apdb_load:
         "benchmarks/apdb/" + TAIL + ".tsv"
     group:
         "detector_visit"
+    priority:
+        PRIORITY["apdb_load"]
     resources:
         mem_mb=1000,
     params:

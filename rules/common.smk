@@ -19,6 +19,11 @@ STAGE = f"{sys.executable} -S {shlex.quote(CLIENT_SCRIPT)}"
 
 INSTRUMENT = config["instrument"]["name"]
 
+# Which ready job takes a free core first: a new visit's prep (short; it must be
+# done before the raws land), then alerts, then the science; exports last, as no
+# one waits for them at night.  Ingest holds no core (--set-threads ingest=0 live).
+PRIORITY = {"prep": 50, "apdb_load": 40, "run_pipeline": 30, "ingest": 20, "export_outputs": 10, "finish_target": 0}
+
 
 # The default job rate limiter makes the scheduler's rounds grow with every finished
 # job (see workflow.snakemake_tuning); without it, rounds follow job completions.

@@ -14,6 +14,8 @@ rule export_outputs:
         "benchmarks/export/" + TAIL + ".tsv"
     group:
         "detector_visit"
+    priority:
+        PRIORITY["export_outputs"]
     resources:
         mem_mb=1000,
     params:
@@ -34,6 +36,8 @@ rule finish_target:
         "benchmarks/finish/" + TAIL + ".tsv"
     group:
         "detector_visit"
+    priority:
+        PRIORITY["finish_target"]
     params:
         config=CONFIG_JSON,
     shell:

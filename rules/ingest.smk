@@ -12,6 +12,8 @@ rule ingest:
         "benchmarks/ingest/" + TAIL + ".tsv"
     group:
         "detector_visit"
+    priority:
+        PRIORITY["ingest"]
     resources:
         mem_mb=1000,
     params:

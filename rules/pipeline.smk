@@ -14,6 +14,8 @@ rule run_pipeline:
         "benchmarks/pipeline/" + TAIL + ".tsv"
     group:
         "detector_visit"
+    priority:
+        PRIORITY["run_pipeline"]
     threads: 1
     resources:
         mem_mb=4000,

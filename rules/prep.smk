@@ -12,6 +12,8 @@ rule prep:
         "benchmarks/prep/" + TAIL + ".tsv"
     group:
         "detector_visit"
+    priority:
+        PRIORITY["prep"]
     resources:
         mem_mb=1000,
     params:

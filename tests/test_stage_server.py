@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from workflow.config import load_config, write_config_snapshot
 
@@ -41,3 +44,24 @@ def test_config_snapshot_is_content_addressed(tmp_path):
     assert json.loads(first.read_text())["instrument"]["name"] == "LSSTComCamSim"
     other = write_config_snapshot({**config, "visit": {"max_age_s": 1.0}}, tmp_path)
     assert other != first
+
+
+@pytest.mark.parametrize(("omp", "expected"), [("1", 1), ("0", 1), ("2", 2)])
+def test_forked_stage_holds_blas_to_the_jobs_threads(omp: str, expected: int) -> None:
+    """numpy is imported before the limit (as in the server); the child's BLAS pool follows OMP_NUM_THREADS."""
+    code = ("import numpy, threadpoolctl; from workflow.stage_server import limit_threads; "
+            f"print(limit_threads({{'OMP_NUM_THREADS': '{omp}'}}), "
+            "[p['num_threads'] for p in threadpoolctl.threadpool_info() if p['user_api'] == 'blas'])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "OMP_NUM_THREADS": "", "OPENBLAS_NUM_THREADS": "4"})
+    assert result.returncode == 0, result.stderr
+    limit, pools = result.stdout.split(" ", 1)
+    assert int(limit) == expected
+    assert pools.strip() == str([expected])
+
+
+def test_no_thread_setting_leaves_the_pools_alone() -> None:
+    from workflow.stage_server import limit_threads
+
+    assert limit_threads({}) is None
+    assert limit_threads({"OMP_NUM_THREADS": "many"}) is None

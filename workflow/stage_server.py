@@ -11,7 +11,7 @@ period, so nothing lingers after a run.
 
 from __future__ import annotations
 
-__all__ = ["STAGES", "run_request", "serve"]
+__all__ = ["STAGES", "limit_threads", "run_request", "serve"]
 
 import json
 import logging
@@ -47,11 +47,30 @@ STAGES = ("prep", "ingest", "pipeline", "export", "apdb", "finish")
 """Stage names a request may name; arguments in each rule's order (see rules/)."""
 
 
+def limit_threads(env: dict[str, str]) -> int | None:
+    """Hold the numeric libraries' thread pools to the job's ``OMP_NUM_THREADS``; return the limit set.
+
+    Snakemake puts a job's ``threads`` into ``OMP_NUM_THREADS``, but a forked
+    child's OpenBLAS pool was sized when the server imported numpy (one thread per
+    core): two single-threaded jobs on two cores would run four BLAS threads.
+    ``0`` (a job holding no core, like ingest waiting for raws) counts as 1.
+    """
+    threads = env.get("OMP_NUM_THREADS", "")
+    if not threads.isdigit():
+        return None
+    from threadpoolctl import threadpool_limits
+
+    limit = max(1, int(threads))
+    threadpool_limits(limit)
+    return limit
+
+
 def run_request(request: dict) -> int:
     """Run one stage request in this process; return 0 or 1 (the error is in the log)."""
     os.chdir(request["cwd"])
     os.environ.clear()
     os.environ.update(request["env"])
+    limit_threads(request["env"])
     Path(request["log"]).parent.mkdir(parents=True, exist_ok=True)
     with open(request["log"], "a") as log:
         os.dup2(log.fileno(), 1)
