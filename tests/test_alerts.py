@@ -35,6 +35,7 @@ from workflow.alerts import (
     make_alert_sink,
     serialize_alert,
 )
+from workflow.alert_outbox import AlertOutbox
 from workflow.apdb import create_apdb, open_apdb, preload
 from workflow.association import associate_store_alert, padded_region
 from workflow.exceptions import RetriableError
@@ -81,12 +82,12 @@ def apdb(tmp_path: Path) -> Apdb:
     return open_apdb({"db_url": f"sqlite:///{tmp_path}/apdb.sqlite3"})
 
 
-def _visit(apdb: Apdb, visit: int, k: int, sink: object | None) -> object:
+def _visit(apdb: Apdb, visit: int, k: int, sink: object | None, outbox: AlertOutbox | None = None) -> object:
     region = padded_region([RA - 0.02, RA + 0.02], [DEC - 0.02, DEC + 0.02], 50.0)
     return associate_store_alert(apdb, _sources(visit, 60100.0 + k, np.random.default_rng(visit)),
                                  preload(apdb, region, _tai(60100.0 + k)), visit=visit, detector=DETECTOR,
                                  visit_time=_tai(60100.0 + k), radius_arcsec=1.0, sink=sink,
-                                 cutouts=_cutouts(visit))  # fmt: skip
+                                 cutouts=_cutouts(visit), outbox=outbox)  # fmt: skip
 
 
 def _topic(broker: KafkaBroker) -> str:
@@ -219,3 +220,51 @@ class TestAvroFile:
         assert records[0]["diaSource"]["band"] == "g" and records[0]["diaSource"]["reliability"] == pytest.approx(0.9)
         assert fits.open(io.BytesIO(records[0]["cutoutScience"]))[0].data.shape == (30, 30)
         assert not list(path.parent.glob("*.tmp"))
+
+
+class TestOutbox:
+    """Tests for `workflow.alert_outbox.AlertOutbox`: alerts survive a broker lost between store and send."""
+
+    def test_broker_lost_after_store_then_retry_sends_once(
+        self, apdb: Apdb, kafka_broker: KafkaBroker, tmp_path: Path,
+    ) -> None:
+        dying = KafkaBroker(tmp_path / "dying-broker")
+        dying.start()
+        try:
+            dying_topic = _topic(dying)
+
+            class BrokerDiesBeforeSend(KafkaAlertSink):
+                def send(self, *args: object, **kwargs: object) -> object:
+                    dying.stop()  # checked before the store; gone by the time alerts go out
+                    return super().send(*args, **kwargs)
+
+            outbox = AlertOutbox(tmp_path / "work" / "alert_outbox.avro")
+            with pytest.raises(AlertDeliveryError, match="alerts acknowledged"):
+                _visit(apdb, 51, 0, BrokerDiesBeforeSend(dying.bootstrap, dying_topic, timeout_s=3.0), outbox)
+        finally:
+            dying.stop()
+        assert apdb.containsVisitDetector(51, DETECTOR)  # stored: a plain retry would skip store and send
+        assert outbox.path.exists() and not outbox.sent
+
+        topic = _topic(kafka_broker)
+        sink = KafkaAlertSink(kafka_broker.bootstrap, topic, timeout_s=WAIT)
+        retry = _visit(apdb, 51, 0, sink, outbox)
+        assert not retry.store.stored and retry.alerts is not None and retry.alerts.n_alerts == 6
+        assert outbox.sent and not outbox.path.exists()
+        sent_ids = sorted(deserialize_alert(p)["diaSourceId"] for p in _consume(kafka_broker, topic, 6))
+        assert sent_ids == sorted(retry.association.sources["diaSourceId"].tolist())
+
+        again = _visit(apdb, 51, 0, sink, outbox)  # after delivery: nothing more
+        assert again.alerts is None
+        _consume(kafka_broker, topic, 6)
+
+    def test_first_attempt_writes_outbox_then_marks_sent(self, apdb: Apdb, tmp_path: Path) -> None:
+        path = tmp_path / "alerts.avro"
+        sink = make_alert_sink({"kafka": {"bootstrap": None}, "kafka_topics": {"alerts": "x"}}, path)
+        outbox = AlertOutbox(tmp_path / "alert_outbox.avro")
+        result = _visit(apdb, 52, 0, sink, outbox)
+        assert result.store.stored and result.alerts.n_alerts == 6
+        with open(outbox.sent_path, "rb") as stream:  # what was sent is kept, as sent
+            kept = [r["diaSourceId"] for r in fastavro.reader(stream)]
+        with open(path, "rb") as stream:
+            assert kept == [r["diaSourceId"] for r in fastavro.reader(stream)]

@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from astropy.time import Time
 
+from .alert_outbox import AlertOutbox
 from .alerts import CutoutMaker, make_alert_sink
 from .apdb import load_preload, open_apdb
 from .association import associate_store_alert
@@ -39,7 +40,7 @@ def _cutout_makers(products: Mapping[str, str]) -> dict[str, CutoutMaker]:
 
 
 def load_detector_visit(visit: DetectorVisit, prep: Mapping[str, Any], pipeline: Mapping[str, Any],
-                        config: Mapping[str, Any], alert_file: Path) -> dict[str, Any]:
+                        config: Mapping[str, Any], alert_file: Path, outbox_file: Path | None = None) -> dict[str, Any]:
     """Associate, store and alert for one detector-visit.
 
     Parameters
@@ -52,6 +53,9 @@ def load_detector_visit(visit: DetectorVisit, prep: Mapping[str, Any], pipeline:
         Merged configuration (``apdb``, ``kafka``, ``kafka_topics``).
     alert_file : `pathlib.Path`
         Avro file for the alerts when no broker is configured.
+    outbox_file : `pathlib.Path`, optional
+        The detector-visit's alert outbox (`workflow.alert_outbox`): alerts are
+        written there before the store, so a retry after a kill still sends them.
 
     Returns
     -------
@@ -74,6 +78,7 @@ def load_detector_visit(visit: DetectorVisit, prep: Mapping[str, Any], pipeline:
         visit_time=Time(pipeline["midpoint_mjd_tai"], format="mjd", scale="tai"),
         radius_arcsec=float(config["apdb"]["association_radius_arcsec"]),
         sink=make_alert_sink(config, alert_file), cutouts=_cutout_makers(products),
+        outbox=AlertOutbox(outbox_file) if outbox_file is not None else None,
     )
     alerts = result.alerts
     return {

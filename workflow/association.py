@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     import astropy.time
     from lsst.dax.apdb import Apdb
 
+    from .alert_outbox import AlertOutbox
     from .alerts import AlertSink, AlertSummary, CutoutMaker
     from .apdb import Preload, StoreOutcome
 
@@ -341,13 +342,17 @@ def associate_store_alert(
     radius_arcsec: float,
     sink: AlertSink | None = None,
     cutouts: Mapping[str, CutoutMaker] | None = None,
+    outbox: AlertOutbox | None = None,
 ) -> DetectorVisitResult:
-    """Associate, store once, then send alerts only if the store wrote.
+    """Associate, store once, then send the alerts.
 
     Order: associate and build the alerts (input errors surface before anything
     is written), check the alert sink (a broker that is down fails the job before
-    the APDB changes, so a retry redoes everything), store, send.  A rerun of a
-    stored detector-visit stores nothing and sends nothing.
+    the APDB changes, so a retry redoes everything), put the alerts in the outbox,
+    store, send.  A rerun of a stored detector-visit stores nothing; it sends the
+    outbox's alerts if an earlier attempt stored but never finished sending them
+    (at least once), nothing if they were sent.  Without an outbox, alerts are
+    sent only when this call stored (at most once).
 
     Parameters
     ----------
@@ -367,6 +372,8 @@ def associate_store_alert(
         Where alerts go (`workflow.alerts.make_alert_sink`); `None`: no alerts.
     cutouts : `~collections.abc.Mapping` [`str`, `workflow.alerts.CutoutMaker`], optional
         Stamp makers for the ``difference``, ``science``, ``template`` images.
+    outbox : `workflow.alert_outbox.AlertOutbox`, optional
+        The detector-visit's outbox (see that module).
 
     Returns
     -------
@@ -389,10 +396,15 @@ def associate_store_alert(
     if sink is not None:
         alerts = build_alerts(result.sources, result.objects, preloaded.sources, cutouts=cutouts, visit_mjd_tai=mjd)
         sink.check()
+        if outbox is not None:
+            alerts = outbox.prepare(alerts)
     outcome = store_detector_visit(apdb, visit_time, result.objects, result.sources, visit=visit, detector=detector)
     summary = None
-    if outcome.stored and sink is not None and alerts is not None:
+    if sink is not None and alerts is not None and (outcome.stored or outbox is not None):
         summary = sink.send(alerts, visit=visit, detector=detector)
-    elif not outcome.stored:
-        _log.warning("visit %d detector %d: no alerts sent (%s)", visit, detector, outcome.reason)
+        if outbox is not None:
+            outbox.mark_sent()
+    elif sink is not None:
+        why = "already sent" if outbox is not None else outcome.reason
+        _log.warning("visit %d detector %d: no alerts sent (%s)", visit, detector, why)
     return DetectorVisitResult(association=result, store=outcome, alerts=summary)

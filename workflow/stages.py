@@ -123,7 +123,8 @@ def run_apdb(visit_file: str, prep_file: str, pipeline_file: str, record_file: s
     target = _begin(visit_file, config, log_file)
     with stage(target, "apdb") as timing:
         record = load_detector_visit(_visit(visit_file, config), read_json(prep_file), read_json(pipeline_file),
-                                     config, target.work_dir / "alerts.avro")
+                                     config, target.work_dir / "alerts.avro",
+                                     outbox_file=target.work_dir / "alert_outbox.avro")
     record["seconds"] = timing.as_dict()
     write_json(record_file, record)
     return record
