@@ -1,7 +1,8 @@
 """Latency per detector-visit: last raw's notification -> its alerts on the alert topic.
 
-    python scripts/bench_latency.py [--groups 2] [--scale 1.0] [--repo demo/central_repo_full]
-        [--workdir demo/bench_latency] [--design streaming|subprocess] [--exptime 30] [--slew-s 2]
+    python scripts/bench_latency.py [--groups 4] [--detectors 2] [--camera replay|simulate]
+        [--scale 1.0] [--repo demo/central_repo_full] [--workdir demo/bench_latency]
+        [--design streaming|subprocess] [--exptime 30] [--slew-s 2]
         [--upload-arg=--skip-detector=8 ...] [--json out.json]
 
 Runs the live stack (`stream_shim.live_stack.LiveStack`: Tansu, SeaweedFS with the
@@ -13,6 +14,12 @@ raw to its last alert (detector-visits without DIA sources send no alert: for th
 and for all, it also reports notification -> ``done.json``), as p50/p95, plus the
 shim's own submit -> outcome.  Builds the central repo at ``--scale`` if missing
 (full size: a few minutes).
+
+The goal is stated per detector on one core, so by default only ``--detectors 2``
+detectors are active (one per core of this 2-core machine; the others are switched
+off in the run's config) and the camera replays the central repo's raws under new
+visits (``--camera replay``: header rewrite and upload only) instead of simulating
+them on the same cores (``--camera simulate``, what the live demo does).
 
     python scripts/bench_latency.py --compare-designs [--visits 5] [--interval-s 8] [--repeats 2]
 
@@ -48,7 +55,11 @@ INSTRUMENT = "LSSTComCamSim"
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--groups", type=int, default=2, help="visits (default 2)")
+    parser.add_argument("--groups", type=int, default=4, help="visits (default 4)")
+    parser.add_argument("--detectors", type=int, default=2,
+                        help="active detectors per visit, the first N (default 2: one per core here; 9 = all)")
+    parser.add_argument("--camera", default="replay", choices=("replay", "simulate"),
+                        help="replay the central repo's raws (default) or simulate new ones on these cores")
     parser.add_argument("--scale", type=float, default=1.0, help="detector shrink factor (default 1: full size)")
     parser.add_argument("--repo", default=None, help="central repo (default WORKDIR/central_repo_scale<S>, 0.5 -> 0p5)")
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / "demo" / "bench_latency"), help="run directory")
@@ -252,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     built = ensure_central_repo(repo, INSTRUMENT, args.scale)
     print(f"central repo {repo}: {'built in %.0f s' % (time.monotonic() - started) if built else 'existing'}",
           flush=True)
+    n_detectors = min(args.detectors, 9)
+    active = {"active_detectors": {"default": False, "overrides": {str(d): True for d in range(n_detectors)}}}
     stack = LiveStack(Path(args.workdir), repo=repo, instrument=INSTRUMENT, scale=args.scale, design=args.design,
-                      shim_args=["--grace-s", "60"])
+                      overrides=active, shim_args=["--grace-s", "60"])
     stop = threading.Event()
     with stack:
         topics = stack.config["kafka_topics"]
@@ -261,15 +274,21 @@ def main(argv: list[str] | None = None) -> int:
         alerts = _Watcher(stack.broker.bootstrap, topics["alerts"], _alert_keys, stop)
         raws.start()
         alerts.start()
-        upload = stack.upload(args.groups, "--slew-s", str(args.slew_s), "--exptime", str(args.exptime),
-                              *args.upload_arg)
+        camera_args = ["--slew-s", str(args.slew_s), *args.upload_arg]
+        if args.camera == "replay":
+            skipped = [f"--skip-detector={d}" for d in range(n_detectors, 9)]
+            upload = stack.upload_from_repo(args.groups, "--exposure-s", str(args.exptime), *skipped, *camera_args)
+        else:
+            wanted = ["--detectors", *map(str, range(n_detectors))]
+            upload = stack.upload(args.groups, "--exptime", str(args.exptime), *wanted, *camera_args)
         print(upload.stdout.rstrip(), flush=True)
-        ended = stack.wait_targets(args.groups * 9, args.timeout_s)
+        ended = stack.wait_targets(args.groups * n_detectors, args.timeout_s)
         time.sleep(3.0)
         stop.set()
         raws.join(timeout=5)
         alerts.join(timeout=5)
-        report = {"design": args.design, "scale": args.scale, "groups": args.groups, "exptime_s": args.exptime,
+        report = {"design": args.design, "scale": args.scale, "groups": args.groups, "detectors": n_detectors,
+                  "camera": args.camera, "exptime_s": args.exptime,
                   "all_ended": ended, **_report(stack, raws, alerts)}
     text = json.dumps(report, indent=1)
     print(text)

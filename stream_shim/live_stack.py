@@ -145,6 +145,20 @@ class LiveStack:
                    "--dec", "2.2", "--rotation", "0", "--no-progress", *args]
         return subprocess.run(command, env=self.env, capture_output=True, text=True, check=True)
 
+    def upload_from_repo(self, groups: int, *args: str) -> subprocess.CompletedProcess[str]:
+        """Replay the central repo's raws as ``groups`` new visits (``scripts/upload_from_repo.py``).
+
+        The camera then only rewrites headers and uploads: unlike `upload`, it does not
+        simulate, so it takes almost no CPU from the processing it feeds (on the summit
+        the camera is another machine).
+        """
+        query = self.workdir / "replay_query.yaml"
+        query.write_text(yaml.safe_dump({"instrument": self.instrument, "central_repo": str(self.repo),
+                                         "config_files": [str(self.config_file)]}))
+        command = [sys.executable, str(PROJECT_ROOT / "scripts" / "upload_from_repo.py"), str(query), str(groups),
+                   "--ordered", "--no-progress", *args]
+        return subprocess.run(command, env=self.env, capture_output=True, text=True, check=True)
+
     def wait_targets(self, expected: int, timeout_s: float) -> bool:
         """Wait until ``expected`` targets have ended (done or failed); return whether they did."""
         deadline = time.monotonic() + timeout_s

@@ -9,24 +9,38 @@ submits and can run each Job's container command here.
 - The real Snakefile (a copy of Snakefile, rules/, scripts/ and config/ in a
   temporary directory, so nothing is written into the checkout) is dry-run,
   and run with pods that fail at once: that shows the Jobs it would submit.
+- The real Snakefile runs to completion, the fake running its pods' commands
+  locally: a small LSSTComCamSim central repo (SQLite + files) and an SQLite
+  APDB in the test's directory, raws in a raw bucket on the test S3, and a
+  config overlay that travels to the pods in the source archive
+  (``--configfile``, relative).  Each pod runs one detector-visit's whole
+  chain through the node's stage server; ``done.json`` and the stage records
+  land in S3, the exported datasets in the central repo, the DIA sources in
+  the APDB.  A stage server that a pod started outlives the pod (its own
+  session, idle timeout): the test stops it.
 - A small stand-in Snakefile with the same rule names, group, file layout and
-  resources but trivial steps runs to completion, its pods' commands run
-  locally by the fake: the real chain needs a central repository and more
-  time than this module may take.
+  resources but trivial steps runs to completion too: each step records its
+  pod directory and the credentials it saw, which the real stages do not.
 """
 
 from __future__ import annotations
 
 import base64
+import fcntl
 import hashlib
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
+import socket
+import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import Iterator, Mapping
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -34,8 +48,14 @@ import pytest
 import yaml
 
 from fake_k8s import FakeKubernetes, PodMode, PodRun
+from raw_uploads import make_visit, upload_raw
 from stream_shim.local_services import S3Server
-from workflow.config import PROJECT_ROOT
+from workflow.buckets import S3Bucket
+from workflow.central_repo import open_central_repo
+from workflow.config import PROJECT_ROOT, load_config
+from workflow.demo_repo import build_demo_repo
+from workflow.export import output_chain
+from workflow.prep import instrument_for_run
 from workflow.visit import DetectorVisit, NextVisit
 
 PROFILE = PROJECT_ROOT / "profiles" / "k8s"
@@ -44,6 +64,12 @@ CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD")
 BUCKET = "k8s-profile"
 DETECTORS = (3, 7)
 RUN_TIMEOUT = 120
+REAL_SCALE = 0.125
+# The demo repo's two detectors nearest the boresight: they get templates (plan_demo, n_detectors=2).
+REAL_DETECTORS = (1, 4)
+REAL_FILTER = "r_03"  # a band of the demo's templates
+REAL_STAMP = 1795851637.4  # TAI unix seconds: 2026-11-28T07:40:37, in the calibs' validity
+STAGE_RECORDS = ("prep", "ingest", "pipeline", "export", "apdb")
 
 STAND_IN_SNAKEFILE = '''\
 # Stand-in for the real Snakefile: same rules, group, paths and resources; each
@@ -192,15 +218,55 @@ def _target_jobs(job: Mapping[str, Any]) -> set[tuple[str, int]]:
     return {(rule, int(detector)) for rule, detector in re.findall(r"'(\w+):[^']*detector=(\d+)'", command)}
 
 
-def _upload_visits(s3_server: S3Server, prefix_key: str) -> list[DetectorVisit]:
-    """Put the visit files of `_visits` under ``s3://BUCKET/<prefix_key>/``, where the targets' inputs are."""
+def _upload_visits(s3_server: S3Server, prefix_key: str,
+                   visits: list[DetectorVisit] | None = None) -> list[DetectorVisit]:
+    """Put visit files (default: `_visits`) under ``s3://BUCKET/<prefix_key>/``, where the targets' inputs are."""
     client = s3_server.client()
     if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
         client.create_bucket(Bucket=BUCKET)
-    visits = _visits()
+    visits = _visits() if visits is None else visits
     for visit in visits:
         client.put_object(Bucket=BUCKET, Key=f"{prefix_key}/{_visit_key(visit)}", Body=visit.to_json().encode())
     return visits
+
+
+def _real_run_setup(run_dir: Path, workdir: Path, s3_server: S3Server) -> tuple[dict[str, Any], list[DetectorVisit]]:
+    """Prepare a run of the real chain: central repo, APDB path, raws in S3, the config overlay.
+
+    Builds a small LSSTComCamSim central repo (SQLite + files) in ``run_dir``,
+    writes the overlay ``workdir/k8s-site.yaml`` (central repo, APDB and raw bucket
+    on the test S3; absolute local paths, which the fake's local pods can reach),
+    and uploads the raws of two detector-visits, with templates, to the raw bucket.
+
+    Returns
+    -------
+    config : `dict`
+        The merged configuration the pods see.
+    visits : `list` [`workflow.visit.DetectorVisit`]
+        The two detector-visits (their visit files not yet uploaded).
+    """
+    raw_bucket = f"raw-{secrets.token_hex(4)}"
+    site = {
+        "central_repo": str(run_dir / "repo"),
+        "simulation": {"scale": REAL_SCALE, "seed": 0},
+        "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(run_dir / "unused-buckets")},
+        "buckets": {"raw": raw_bucket},
+        "apdb": {"db_url": f"sqlite:///{run_dir / 'apdb.sqlite3'}"},
+        "raw": {"image_timeout_s": 10.0},
+    }
+    overlay = workdir / "k8s-site.yaml"
+    overlay.write_text(yaml.safe_dump(site))
+    config = load_config(instrument="LSSTComCamSim", extra_files=[overlay])
+    build_demo_repo(config["central_repo"], ["LSSTComCamSim"], n_visits=1, scale=REAL_SCALE,
+                    n_detectors=len(REAL_DETECTORS), progress=False)
+    client = s3_server.client()
+    client.create_bucket(Bucket=raw_bucket)
+    # A fixed time (the day of `_visits`), so the simulated raws, and what the pipeline finds, are the same each run.
+    visit = make_visit("LSSTComCamSim", "2026-11-28T07:40:00.000", REAL_FILTER, snd_stamp=REAL_STAMP)
+    instrument = instrument_for_run(config)
+    for detector in REAL_DETECTORS:
+        upload_raw(S3Bucket(client, raw_bucket), config, instrument, visit, detector)
+    return config, visit.fan_out(REAL_DETECTORS)
 
 
 @pytest.fixture
@@ -211,6 +277,68 @@ def fake_k8s(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[FakeKub
     with FakeKubernetes(tmp_path / "pods", namespaces=(_profile()["kubernetes-namespace"],), pod_mode=mode,
                         pod_env=pod_env, pod_timeout=RUN_TIMEOUT) as fake:
         yield fake
+
+
+def _stage_servers_under(root: Path) -> dict[int, str]:
+    """Return ``pid: socket path`` of the stage servers running with their working directory under ``root``.
+
+    A pod's stage client starts the node's stage server (`workflow.stage_client`) in
+    its own session, with the pod's directory as working directory: the fake's
+    killing of a pod's process group does not reach it, and it exits only after
+    `workflow.stage_server.IDLE_TIMEOUT_S` idle.
+    """
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            argv = [a.decode(errors="replace") for a in (proc / "cmdline").read_bytes().split(b"\0") if a]
+            cwd = Path(os.readlink(proc / "cwd"))
+        except OSError:
+            continue
+        if argv[-2:-1] == ["workflow.stage_server"] and cwd.is_relative_to(root):
+            found[int(proc.name)] = argv[-1]
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+@pytest.fixture
+def stage_servers(tmp_path: Path) -> Iterator[None]:
+    """At teardown, stop the stage servers that this test's pods started (by pid), and their stale sockets.
+
+    A server still serving a stage (of another run sharing it) is left to its idle exit.
+    """
+    yield
+    stopped = {}
+    for pid, path in _stage_servers_under(tmp_path).items():
+        try:
+            if not Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+                os.kill(pid, signal.SIGTERM)
+                stopped[pid] = path
+        except OSError:  # it has just exited
+            pass
+    deadline = time.monotonic() + 10.0
+    while any(_alive(pid) for pid in stopped) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for path in set(stopped.values()):
+        # Under the clients' start lock (workflow.stage_client), no server is starting: if nobody
+        # listens, the socket is the stale one of a server stopped above.
+        with open(f"{path}.lock", "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a client is starting a server, which replaces the socket
+                continue
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+                try:
+                    probe.connect(path)
+                except OSError:
+                    Path(path).unlink(missing_ok=True)
 
 
 # -- the profile file ------------------------------------------------------------------
@@ -414,3 +542,89 @@ class TestK8sProfileRun:
         # The pods got the credentials only from the Secret: the fake's pod environment has none.
         assert not set(CREDENTIAL_VARS) & set(fake_k8s.pod_env)
         assert ("Secret", fake_k8s.secrets[0]["metadata"]["name"]) in {(k, n) for k, _, n in fake_k8s.deleted}
+
+    def test_real_chain_runs_to_completion_in_one_pod_per_detector_visit(
+        self, tmp_path: Path, s3_server: S3Server, stage_servers: None, fake_k8s: FakeKubernetes,
+    ) -> None:
+        """The real Snakefile, a small central repo and APDB: each pod runs a detector's whole chain."""
+        workdir = _copy_workflow(tmp_path / "checkout")
+        config, visits = _real_run_setup(tmp_path, workdir, s3_server)
+        prefix = f"real-{secrets.token_hex(4)}"  # the visits are the same each run: a fresh prefix for each
+        _upload_visits(s3_server, prefix, visits)
+        env = _submit_env(tmp_path, s3_server, fake_k8s.write_kubeconfig(tmp_path / "kubeconfig"))
+        result = _snakemake("workflow.k8s_executor", workdir, s3_server, f"s3://{BUCKET}/{prefix}", env,
+                            "--seconds-between-status-checks", "1",
+                            "--configfile", "config/instruments/LSSTComCamSim.yaml", "k8s-site.yaml",
+                            "--", *map(_target, visits))
+        output = result.stdout + result.stderr
+        pod_logs = {name: pod.log_path.read_text(errors="replace")[-3000:] for name, pod in fake_k8s.pods.items()
+                    if pod.log_path.exists()}
+        assert result.returncode == 0, output[-3000:] + json.dumps(pod_logs, indent=1)
+
+        # One Job per detector-visit, running its whole chain, with the overlay from the source archive.
+        assert len(fake_k8s.jobs) == len(visits)
+        pods_by_detector: dict[int, PodRun] = {}
+        for job in fake_k8s.jobs:
+            command = _container(job)["args"][1]
+            assert "pip install" not in command and "--deploy-sources" in command
+            assert "--configfiles 'config/instruments/LSSTComCamSim.yaml' 'k8s-site.yaml'" in command
+            assert str(tmp_path) not in command
+            (detector,) = {d for _, d in _target_jobs(job)}
+            assert _target_jobs(job) == {(rule, detector) for rule in RULES}
+            pods_by_detector[detector] = fake_k8s.pods[job["metadata"]["name"]]
+            # The pod unpacked the overlay from the source archive into its own directory.
+            assert (pods_by_detector[detector].workdir / "k8s-site.yaml").read_text() == (
+                workdir / "k8s-site.yaml").read_text()
+        assert sorted(pods_by_detector) == sorted(REAL_DETECTORS)
+        assert {pod.exit_code for pod in fake_k8s.pods.values()} == {0}
+        # S3 credentials (raw bucket, work prefix) came from the Secret only, deleted after the run.
+        assert not set(CREDENTIAL_VARS) & set(fake_k8s.pod_env)
+        assert all(pod.env["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key for pod in fake_k8s.pods.values())
+        assert ("Secret", fake_k8s.secrets[0]["metadata"]["name"]) in {(k, n) for k, _, n in fake_k8s.deleted}
+
+        client = s3_server.client()
+        exported: dict[str, set[tuple[int, int]]] = {}  # dataset type: {(visit, detector)}
+        apdb_rows: dict[tuple[int, int], int] = {}  # (visit, detector): DIA sources the APDB record says it stored
+        for visit in visits:
+            tail = f"{visit.instrument}/{visit.day_obs}/{visit.groupId}/{visit.detector}"
+            done = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/{_target(visit)}")["Body"].read())
+            where = f"detector {visit.detector}: {done}"
+            assert (done["detector"], done["group"], done["day_obs"]) == (
+                visit.detector, visit.groupId, visit.day_obs), where
+            # Both detectors have a template: the first-choice pipeline ran, with DIA sources.
+            assert (done["outcome"], done["pipeline"]) == ("ok", "ApPipe"), where
+            assert set(done["stage_seconds"]) == set(STAGE_RECORDS), where
+            assert all(isinstance(seconds, float) for seconds in done["stage_seconds"].values()), where
+            assert done["stage_seconds"]["pipeline"] > 0, where
+            # The stage records went to S3 under work_area/, as in production (no shared filesystem).
+            records = {name: json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/work_area/{tail}/{name}.json")
+                                        ["Body"].read()) for name in STAGE_RECORDS}
+            assert records["ingest"]["source"] == "bucket" and len(records["ingest"]["raws"]) == 1
+            assert records["pipeline"]["pipeline"] == "ApPipe"
+            export = records["export"]
+            assert sorted(done["exported"]) == sorted(export["exported"]) and export["skipped"] == []
+            assert {"difference_image", "dia_source_unfiltered"} <= set(done["exported"]), where
+            assert export["chain"] == output_chain(visit.instrument, visit.day_obs)
+            data_id = (export["data_id"]["visit"], export["data_id"]["detector"])
+            assert data_id[1] == visit.detector
+            for dataset_type in export["exported"]:
+                exported.setdefault(dataset_type, set()).add(data_id)
+            # The chain ran in this detector-visit's pod: its scratch (raws, products) is there, not elsewhere.
+            for detector, pod in pods_by_detector.items():
+                assert (pod.workdir / "work_area" / tail / "raws").is_dir() == (detector == visit.detector)
+            # The APDB record: this detector-visit's DIA sources, stored.
+            assert done["apdb"] == {k: v for k, v in records["apdb"].items() if k != "seconds"}
+            assert done["apdb"]["stored"] is True and done["apdb"]["n_dia_sources"] > 0, where
+            apdb_rows[data_id] = done["apdb"]["n_dia_sources"]
+
+        # The exported datasets are in the central repo, in the night's output chain, one per detector-visit.
+        butler = open_central_repo(config["central_repo"])
+        chain = output_chain(visits[0].instrument, visits[0].day_obs)
+        assert {data_id[1] for data_id in exported["difference_image"]} == set(REAL_DETECTORS)
+        for dataset_type, data_ids in exported.items():
+            refs = butler.query_datasets(dataset_type, collections=chain, limit=None, explain=False)
+            assert sorted((ref.dataId["visit"], ref.dataId["detector"]) for ref in refs) == sorted(data_ids)
+        # The APDB holds exactly the DIA sources the records say were stored.
+        with closing(sqlite3.connect(config["apdb"]["db_url"].removeprefix("sqlite:///"))) as apdb:
+            rows = apdb.execute('SELECT visit, detector, COUNT(*) FROM "DiaSource" GROUP BY visit, detector')
+            assert {(visit_id, detector): n for visit_id, detector, n in rows} == apdb_rows
