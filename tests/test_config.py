@@ -17,6 +17,7 @@ from workflow.config import (
     load_config,
     load_yaml,
     validate_file,
+    validate_merged,
 )
 from workflow.exceptions import ConfigError
 
@@ -138,3 +139,21 @@ def test_extra_file_overrides_and_is_validated(tmp_path):
     bad = _write(tmp_path, {"visit": {"max_age_s": -1}}, "site-bad.yaml")
     with pytest.raises(ConfigError, match="site-bad.yaml: key 'visit.max_age_s'"):
         load_config(instrument="LATISS", extra_files=[bad])
+
+
+def test_site_file_switches_apdb_to_a_config_file(tmp_path):
+    """The instrument file's db_url stays in the merge; config_file, which open_apdb prefers, may join it."""
+    from workflow.apdb import create_apdb, open_apdb
+
+    create_apdb(f"sqlite:///{tmp_path}/site-apdb.sqlite3", config_path=tmp_path / "apdb.yaml")
+    site = _write(tmp_path, {"apdb": {"config_file": str(tmp_path / "apdb.yaml")}}, "site.yaml")
+    config = load_config(instrument="LSSTComCamSim", extra_files=[site])
+    assert config["apdb"]["db_url"].startswith("sqlite:///demo/")  # the instrument's default, still merged
+    assert f"{tmp_path}/site-apdb.sqlite3" in open_apdb(config["apdb"]).getConfig().db_url
+
+
+def test_apdb_needs_a_url_or_a_config_file():
+    config = load_config(instrument="LSSTComCamSim")
+    del config["apdb"]["db_url"]
+    with pytest.raises(ConfigError, match="apdb"):
+        validate_merged(config, ["LSSTComCamSim.yaml"])

@@ -269,6 +269,26 @@ def _real_run_setup(run_dir: Path, workdir: Path, s3_server: S3Server) -> tuple[
     return config, visit.fan_out(REAL_DETECTORS)
 
 
+def _ran_one_pod_per_detector_visit(result: subprocess.CompletedProcess[str], fake_k8s: FakeKubernetes,
+                                    visits: list[DetectorVisit]) -> dict[int, PodRun]:
+    """Check the run succeeded with one Job per detector-visit running its whole chain; return pods by detector."""
+    output = result.stdout + result.stderr
+    pod_logs = {name: pod.log_path.read_text(errors="replace")[-3000:] for name, pod in fake_k8s.pods.items()
+                if pod.log_path.exists()}
+    assert result.returncode == 0, output[-3000:] + json.dumps(pod_logs, indent=1)
+    assert len(fake_k8s.jobs) == len(visits)
+    pods_by_detector: dict[int, PodRun] = {}
+    for job in fake_k8s.jobs:
+        command = _container(job)["args"][1]
+        assert "pip install" not in command and "--deploy-sources" in command
+        (detector,) = {d for _, d in _target_jobs(job)}
+        assert _target_jobs(job) == {(rule, detector) for rule in RULES}
+        pods_by_detector[detector] = fake_k8s.pods[job["metadata"]["name"]]
+    assert sorted(pods_by_detector) == sorted(v.detector for v in visits)
+    assert {pod.exit_code for pod in fake_k8s.pods.values()} == {0}
+    return pods_by_detector
+
+
 @pytest.fixture
 def fake_k8s(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[FakeKubernetes]:
     """A fake API server with the profile's namespace; ``pod_mode`` from the test's parameter."""
@@ -510,21 +530,7 @@ class TestK8sProfileRun:
         env = _submit_env(tmp_path, s3_server, fake_k8s.write_kubeconfig(tmp_path / "kubeconfig"))
         result = _snakemake("workflow.k8s_executor", workdir, s3_server, f"s3://{BUCKET}/run", env,
                             "--seconds-between-status-checks", "1", "--", *map(_target, visits))
-        output = result.stdout + result.stderr
-        pod_logs = {name: pod.log_path.read_text(errors="replace")[-2000:] for name, pod in fake_k8s.pods.items()
-                    if pod.log_path.exists()}
-        assert result.returncode == 0, output[-3000:] + json.dumps(pod_logs, indent=1)
-
-        assert len(fake_k8s.jobs) == len(visits)
-        pods_by_detector: dict[int, PodRun] = {}
-        for job in fake_k8s.jobs:
-            command = _container(job)["args"][1]
-            assert "pip install" not in command
-            assert "--deploy-sources" in command
-            (detector,) = {d for _, d in _target_jobs(job)}
-            assert _target_jobs(job) == {(rule, detector) for rule in RULES}
-            pods_by_detector[detector] = fake_k8s.pods[job["metadata"]["name"]]
-        assert {pod.exit_code for pod in fake_k8s.pods.values()} == {0}
+        pods_by_detector = _ran_one_pod_per_detector_visit(result, fake_k8s, visits)
 
         client = s3_server.client()
         digests = {name: hashlib.sha256(env[name].encode()).hexdigest() for name in CREDENTIAL_VARS}
@@ -556,27 +562,13 @@ class TestK8sProfileRun:
                             "--seconds-between-status-checks", "1",
                             "--configfile", "config/instruments/LSSTComCamSim.yaml", "k8s-site.yaml",
                             "--", *map(_target, visits))
-        output = result.stdout + result.stderr
-        pod_logs = {name: pod.log_path.read_text(errors="replace")[-3000:] for name, pod in fake_k8s.pods.items()
-                    if pod.log_path.exists()}
-        assert result.returncode == 0, output[-3000:] + json.dumps(pod_logs, indent=1)
-
-        # One Job per detector-visit, running its whole chain, with the overlay from the source archive.
-        assert len(fake_k8s.jobs) == len(visits)
-        pods_by_detector: dict[int, PodRun] = {}
-        for job in fake_k8s.jobs:
+        pods_by_detector = _ran_one_pod_per_detector_visit(result, fake_k8s, visits)
+        for job in fake_k8s.jobs:  # config files by relative path, unpacked from the source archive into each pod
             command = _container(job)["args"][1]
-            assert "pip install" not in command and "--deploy-sources" in command
             assert "--configfiles 'config/instruments/LSSTComCamSim.yaml' 'k8s-site.yaml'" in command
             assert str(tmp_path) not in command
-            (detector,) = {d for _, d in _target_jobs(job)}
-            assert _target_jobs(job) == {(rule, detector) for rule in RULES}
-            pods_by_detector[detector] = fake_k8s.pods[job["metadata"]["name"]]
-            # The pod unpacked the overlay from the source archive into its own directory.
-            assert (pods_by_detector[detector].workdir / "k8s-site.yaml").read_text() == (
-                workdir / "k8s-site.yaml").read_text()
-        assert sorted(pods_by_detector) == sorted(REAL_DETECTORS)
-        assert {pod.exit_code for pod in fake_k8s.pods.values()} == {0}
+        for pod in pods_by_detector.values():
+            assert (pod.workdir / "k8s-site.yaml").read_text() == (workdir / "k8s-site.yaml").read_text()
         # S3 credentials (raw bucket, work prefix) came from the Secret only, deleted after the run.
         assert not set(CREDENTIAL_VARS) & set(fake_k8s.pod_env)
         assert all(pod.env["AWS_SECRET_ACCESS_KEY"] == s3_server.secret_key for pod in fake_k8s.pods.values())

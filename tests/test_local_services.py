@@ -264,9 +264,10 @@ def test_stop_leaves_no_process(tmp_path: Path, server_class: type[LocalServer])
     server = server_class(tmp_path)
     with server:
         pids = server.process_ids()
-        assert server.pid in pids
-        assert all(process_alive(pid) for pid in pids)
+        assert server.pid in pids and process_alive(server.pid)
+        # (PostgreSQL forks short-lived workers: some listed may be gone by now; only live ones count.)
         ours = _identities(pids)
+        assert server.pid in {pid for pid, _ in ours}
     assert server.pid is None
     assert _still_running(ours) == []
     server.stop()  # A second stop does nothing.

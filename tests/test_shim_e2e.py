@@ -1,12 +1,15 @@
 """End-to-end tests of the stream shim (`python -m stream_shim`) on real Tansu + SeaweedFS.
 
-One scenario, run once for the module: the camera (scripts/upload.py) announces 2
+One scenario, run once per APDB backend (SQLite file; PostgreSQL server, own
+namespace), the central repo being SQLite + files: the camera (scripts/upload.py) announces 2
 groups of LSSTComCamSim (9 detectors, 1/8-size images) in the summit's framed
 Avro and uploads their raws - detector 4 late, detector 8 never.  The shim (with
 the filer bridge) submits the 18 targets to Snakemake.  Junk next_visits and
 notifications are mixed in.  When some targets have ended and others run, the
 shim is killed with SIGKILL and started again on the same run directory; the
-second one is stopped with SIGTERM once every target has ended.
+second one is stopped with SIGTERM once every target has ended.  The tests then
+read what landed: outcomes, exported datasets in the central repo, APDB rows and
+the alerts on the alert topic.
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ import dataclasses
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -24,19 +26,24 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 import yaml
 from astropy.time import Time
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer
 
 from conftest import FILER_TOPIC
 from stream_shim.bridge import s3_event
 from stream_shim.process_group import group_members
 from stream_shim.live_stack import ensure_central_repo
+from workflow.alerts import deserialize_alert
+from workflow.apdb import create_apdb
+from workflow.central_repo import open_central_repo
 from workflow.config import PROJECT_ROOT
+from workflow.export import output_chain
 from workflow.visit import CoordSys, Dome, NextVisit, RotSys
 
 INSTRUMENT = "LSSTComCamSim"
-SCALE = 0.125
+SCALE = 0.25
 DETECTORS = range(9)
 MISSING, LATE = 8, 4
 ALL_ENDED_TIMEOUT = 600.0
@@ -56,6 +63,11 @@ class Scenario:
     groups: list[str]
     leftovers_at_kill: set[int]
     ended_at_kill: int
+    repo: Path
+    apdb_url: str
+    apdb_namespace: str | None
+    bootstrap: str
+    alerts_topic: str
 
     def result_dirs(self) -> dict[tuple[str, int], Path]:
         return {(g, d): next(self.workdir.glob(f"results/{INSTRUMENT}/*/{g}/{d}")) for g in self.groups
@@ -63,6 +75,19 @@ class Scenario:
 
     def work_dir(self, group: str, detector: int) -> Path:
         return next(self.workdir.glob(f"work_area/{INSTRUMENT}/*/{group}/{detector}"))
+
+    def dia_source_rows(self) -> dict[tuple[int, int], tuple[int, int]]:
+        """``(visit, detector): (rows, distinct diaSourceIds)`` of the APDB's DiaSource table, in SQL."""
+        table = f'"{self.apdb_namespace}"."DiaSource"' if self.apdb_namespace else '"DiaSource"'
+        engine = sqlalchemy.create_engine(self.apdb_url)
+        try:
+            with engine.connect() as conn:
+                rows = conn.execute(sqlalchemy.text(
+                    f"SELECT visit, detector, COUNT(*), COUNT(DISTINCT \"diaSourceId\") FROM {table} "
+                    "GROUP BY visit, detector"))
+                return {(int(v), int(d)): (int(n), int(distinct)) for v, d, n, distinct in rows}
+        finally:
+            engine.dispose()
 
 
 def _shim(workdir: Path, config_file: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
@@ -110,10 +135,22 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
     assert producer.flush(10) == 0
 
 
-@pytest.fixture(scope="module")
-def scenario(tmp_path_factory: pytest.TempPathFactory, kafka_broker, s3_server) -> Scenario:
-    base = tmp_path_factory.mktemp("shim-e2e")
+def _apdb_section(backend: str, base: Path, request: pytest.FixtureRequest) -> tuple[dict[str, Any], str, str | None]:
+    """The ``apdb`` config of one backend, its SQLAlchemy URL and namespace."""
+    if backend == "sqlite":
+        return {"db_url": f"sqlite:///{base / 'apdb.sqlite3'}"}, f"sqlite:///{base / 'apdb.sqlite3'}", None
+    server = request.getfixturevalue("postgres_server")
+    namespace = f"e2e{uuid.uuid4().hex[:10]}"
+    create_apdb(server.url, namespace=namespace, config_path=base / "apdb.yaml")
+    return {"config_file": str(base / "apdb.yaml")}, server.url, namespace
+
+
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kafka_broker,
+             s3_server) -> Scenario:
+    base = tmp_path_factory.mktemp(f"shim-e2e-{request.param}")
     ensure_central_repo(base / "repo", INSTRUMENT, SCALE)
+    apdb, apdb_url, apdb_namespace = _apdb_section(request.param, base, request)
     token = uuid.uuid4().hex[:8]
     topics = {"next_visit": f"next-visit-{token}", "raw_notification": f"raw-notification-{token}",
               "alerts": f"alerts-{token}"}
@@ -125,7 +162,7 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, kafka_broker, s3_server) 
         "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(base / "unused")},
         "kafka_topics": topics, "buckets": {"raw": bucket},
         "simulation": {"scale": SCALE, "seed": 0},
-        "apdb": {"db_url": f"sqlite:///{base / 'apdb.sqlite3'}"},
+        "apdb": apdb,
         "raw": {"image_timeout_s": 4.0},
         "submission": {"max_concurrent_targets": 2},
     }))
@@ -177,7 +214,9 @@ def scenario(tmp_path_factory: pytest.TempPathFactory, kafka_broker, s3_server) 
     return Scenario(workdir=workdir, config_file=config_file, first_status=first_status,
                     second_status=_status(workdir), first_log=(base / "shim-1.log").read_text(),
                     second_log=(base / "shim-2.log").read_text(), second_exit=second_exit, groups=groups,
-                    leftovers_at_kill=leftovers, ended_at_kill=ended_at_kill)
+                    leftovers_at_kill=leftovers, ended_at_kill=ended_at_kill, repo=base / "repo",
+                    apdb_url=apdb_url, apdb_namespace=apdb_namespace, bootstrap=kafka_broker.bootstrap,
+                    alerts_topic=topics["alerts"])
 
 
 class TestShimEndToEnd:
@@ -221,9 +260,7 @@ class TestShimEndToEnd:
         # ... and nothing of the killed shim outlived the new one's start (its jobs were killed then,
         # unless they ended by themselves before).
         assert all(not Path(f"/proc/{pid}").exists() for pid in scenario.leftovers_at_kill)
-        db = sqlite3.connect(str(scenario.workdir.parent / "apdb.sqlite3"))
-        rows = {(v, d): (n, distinct) for v, d, n, distinct in db.execute(
-            "SELECT visit, detector, COUNT(*), COUNT(DISTINCT diaSourceId) FROM DiaSource GROUP BY visit, detector")}
+        rows = scenario.dia_source_rows()
         for (group, detector), path in scenario.result_dirs().items():
             if not (path / "done.json").exists():
                 continue
@@ -233,6 +270,49 @@ class TestShimEndToEnd:
             assert rows.get((visit_id, detector), (0, 0)) == (expected, expected), (group, detector)
         assert json.loads((scenario.workdir / "shim" / "journal.jsonl").read_text().splitlines()[0])["group"] \
             in scenario.groups
+
+    def test_exported_outputs_are_in_the_central_repo(self, scenario: Scenario) -> None:
+        exported: dict[str, set[tuple[int, int]]] = {}
+        chains = set()
+        for (group, detector), path in scenario.result_dirs().items():
+            if (path / "done.json").exists():
+                export = json.loads((scenario.work_dir(group, detector) / "export.json").read_text())
+                chains.add(export["chain"])
+                for dataset_type in export["exported"] + export["skipped"]:  # skipped: a rerun found it there
+                    exported.setdefault(dataset_type, set()).add(
+                        (export["data_id"]["visit"], export["data_id"]["detector"]))
+        (chain,) = chains
+        assert chain == output_chain(INSTRUMENT, chain.rsplit("output-", 1)[1])
+        # Every detector with a raw ended done and exported its metadata; at this size most fall back to Isr.
+        assert len(exported["pipeline_metadata"]) == 2 * (len(DETECTORS) - 1)
+        assert exported.get("difference_image")
+        butler = open_central_repo(str(scenario.repo))
+        for dataset_type, data_ids in exported.items():
+            refs = butler.query_datasets(dataset_type, collections=chain, limit=None, explain=False)
+            assert {(ref.dataId["visit"], ref.dataId["detector"]) for ref in refs} == data_ids, dataset_type
+
+    def test_alerts_of_every_stored_dia_source_are_on_the_topic(self, scenario: Scenario) -> None:
+        consumer = Consumer({"bootstrap.servers": scenario.bootstrap, "group.id": f"e2e-{uuid.uuid4().hex}",
+                             "auto.offset.reset": "earliest", "enable.auto.commit": False,
+                             "session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+        consumer.subscribe([scenario.alerts_topic])
+        alerts, idle_since = [], time.monotonic()
+        try:
+            while time.monotonic() - idle_since < 5.0:
+                message = consumer.poll(0.5)
+                if message is not None and message.error() is None:
+                    alerts.append(deserialize_alert(message.value()))
+                    idle_since = time.monotonic()
+        finally:
+            consumer.close()
+        by_target: dict[tuple[int, int], set[int]] = {}
+        for alert in alerts:
+            source = alert["diaSource"]
+            by_target.setdefault((source["visit"], source["detector"]), set()).add(source["diaSourceId"])
+        expected = {key: rows for key, (rows, _) in scenario.dia_source_rows().items()}
+        assert sum(expected.values()) > 0
+        # At least once: a target killed mid-send may send again, but every stored source has its alert.
+        assert {key: len(ids) for key, ids in by_target.items()} == expected
 
     def test_junk_is_counted_and_skipped(self, scenario: Scenario) -> None:
         counts: dict[str, dict[str, int]] = {}
