@@ -14,14 +14,10 @@ status says what kind (`workflow.testers.exit_status`: 78 config, 75 retry later
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
 from workflow.config import load_config
-from workflow.log_setup import configure_logging
-from workflow.testers import add_upload_arguments, exit_status, upload_options_from_args, upload_simulated
-
-_log = logging.getLogger("upload")
+from workflow.testers import GroupReport, UploadOptions, add_upload_arguments, run_upload_cli, upload_simulated
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -43,23 +39,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parse(argv)
-    configure_logging(f"root={'DEBUG' if args.debug else 'INFO' if args.verbose else 'WARNING'}", stream=sys.stderr)
-    options = upload_options_from_args(args, progress=sys.stderr.isatty())
-    try:
+
+    def upload(options: UploadOptions) -> list[GroupReport]:
         config = load_config(instrument=args.instrument, extra_files=args.config_file)
-        reports = upload_simulated(
+        return upload_simulated(
             config, args.n_groups, options=options, scale=args.scale, ra=args.ra, dec=args.dec,
             rotation_deg=args.rotation, physical_filter=args.filter, exptime=args.exptime,
             detectors=args.detectors, seed=args.seed)
-    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure as one line.
-        if args.debug:
-            _log.exception("upload failed")
-        print(f"upload: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return exit_status(exc)
-    for report in reports:
-        print(f"{report.visit.groupId}: {len(report.raws)} raws, {len(report.keys)} objects "
-              f"in {report.seconds:.1f} s")
-    return 0
+
+    return run_upload_cli("upload", args, upload)
 
 
 if __name__ == "__main__":

@@ -13,14 +13,10 @@ stderr and the exit status says what kind (`workflow.testers.exit_status`).
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 
-from workflow.log_setup import configure_logging
-from workflow.testers import add_upload_arguments, exit_status, upload_options_from_args
+from workflow.testers import GroupReport, UploadOptions, add_upload_arguments, run_upload_cli
 from workflow.testers_replay import load_repo_query, upload_from_repo
-
-_log = logging.getLogger("upload_from_repo")
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -36,23 +32,15 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parse(argv)
-    configure_logging(f"root={'DEBUG' if args.debug else 'INFO' if args.verbose else 'WARNING'}", stream=sys.stderr)
-    options = upload_options_from_args(args, progress=sys.stderr.isatty())
-    try:
+
+    def upload(options: UploadOptions) -> list[GroupReport]:
         query = load_repo_query(args.config)
         if args.seed is not None:
             query["seed"] = args.seed
-        reports = upload_from_repo(query, args.n_groups, ordered=args.ordered, options=options,
-                                   extra_config_files=args.config_file)
-    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure as one line.
-        if args.debug:
-            _log.exception("upload_from_repo failed")
-        print(f"upload_from_repo: error: {' '.join(str(exc).split())}", file=sys.stderr)
-        return exit_status(exc)
-    for report in reports:
-        print(f"{report.visit.groupId}: {len(report.raws)} raws, {len(report.keys)} objects "
-              f"in {report.seconds:.1f} s")
-    return 0
+        return upload_from_repo(query, args.n_groups, ordered=args.ordered, options=options,
+                                extra_config_files=args.config_file)
+
+    return run_upload_cli("upload_from_repo", args, upload)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from __future__ import annotations
 __all__ = ["run_prep", "run_ingest", "run_pipeline", "run_export", "run_apdb", "run_finish"]
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,16 +34,23 @@ def _visit(visit_file: str, config: Mapping[str, Any]):
     return load_visit_file(visit_file, expected_instrument=config["instrument"]["name"])
 
 
+def _run_stage(name: str, visit_file: str, record_file: str, config: Mapping[str, Any], log_file: str | None,
+               body: Callable[[TargetPaths], dict]) -> dict:
+    """Run ``body(target)`` as stage ``name``, add its seconds to the record it returns, write the record."""
+    target = _begin(visit_file, config, log_file)
+    with stage(target, name) as timing:
+        record = body(target)
+    record["seconds"] = timing.as_dict()
+    write_json(record_file, record)
+    return record
+
+
 def run_prep(visit_file: str, manifest_file: str, config: Mapping[str, Any], log_file: str | None = None) -> dict:
     """Stage calibs, refcat shards and templates; write the prep manifest."""
     from .prep import stage_inputs
 
-    target = _begin(visit_file, config, log_file)
-    with stage(target, "prep") as timing:
-        manifest = stage_inputs(_visit(visit_file, config), config, target.work_dir)
-    manifest["seconds"] = timing.as_dict()
-    write_json(manifest_file, manifest)
-    return manifest
+    return _run_stage("prep", visit_file, manifest_file, config, log_file,
+                      lambda target: stage_inputs(_visit(visit_file, config), config, target.work_dir))
 
 
 def run_ingest(visit_file: str, record_file: str, config: Mapping[str, Any], log_file: str | None = None) -> dict:
@@ -53,8 +60,7 @@ def run_ingest(visit_file: str, record_file: str, config: Mapping[str, Any], log
     from .prep import instrument_for_run
     from .raw_keys import RawKeyLayout
 
-    target = _begin(visit_file, config, log_file)
-    with stage(target, "ingest") as timing:
+    def ingest(target: TargetPaths) -> dict:
         visit = _visit(visit_file, config)
         dest = target.work_dir / "raws"
         source = config["ingest"]["source"]
@@ -71,11 +77,10 @@ def run_ingest(visit_file: str, record_file: str, config: Mapping[str, Any], log
             paths = fetch_and_check(bucket, keys, visit, dest)
         with open(paths[0], "rb") as stream:
             header = read_primary_header(stream.read(2880 * 12), where=str(paths[0]))
-    record = {"source": source, "raws": [str(p) for p in paths],
-              "header": {k: header[k] for k in header if k not in ("COMMENT", "HISTORY", "")},
-              "seconds": timing.as_dict()}
-    write_json(record_file, record)
-    return record
+        return {"source": source, "raws": [str(p) for p in paths],
+                "header": {k: header[k] for k in header if k not in ("COMMENT", "HISTORY", "")}}
+
+    return _run_stage("ingest", visit_file, record_file, config, log_file, ingest)
 
 
 def run_pipeline(visit_file: str, prep_file: str, ingest_file: str, record_file: str,
@@ -83,15 +88,8 @@ def run_pipeline(visit_file: str, prep_file: str, ingest_file: str, record_file:
     """Run the configured pipelines with fallback; write products and the record."""
     from .science_run import process_detector_visit
 
-    target = _begin(visit_file, config, log_file)
-    with stage(target, "pipeline") as timing:
-        record = process_detector_visit(
-            _visit(visit_file, config), read_json(prep_file), read_json(ingest_file), config,
-            target.work_dir / "products",
-        )
-    record["seconds"] = timing.as_dict()
-    write_json(record_file, record)
-    return record
+    return _run_stage("pipeline", visit_file, record_file, config, log_file, lambda target: process_detector_visit(
+        _visit(visit_file, config), read_json(prep_file), read_json(ingest_file), config, target.work_dir / "products"))
 
 
 def run_export(visit_file: str, ingest_file: str, pipeline_file: str, record_file: str,
@@ -99,20 +97,17 @@ def run_export(visit_file: str, ingest_file: str, pipeline_file: str, record_fil
     """Export the selected products to the central repo; write the export record."""
     from .export import export_outputs
 
-    target = _begin(visit_file, config, log_file)
-    with stage(target, "export") as timing:
+    def export(target: TargetPaths) -> dict:
         pipeline = read_json(pipeline_file)
         if pipeline.get("pipeline") is None:
-            record = {"exported": [], "skipped": [], "reason": "no pipeline ran (visit ignored)"}
-        else:
-            record = export_outputs(
-                config, day_obs=target.day_obs, pipeline=pipeline["pipeline"], outputs=pipeline["products"],
-                raw_header=read_json(ingest_file)["header"],
-                where=f"{target.instrument} group {target.group} detector {target.detector}",
-            )
-    record["seconds"] = timing.as_dict()
-    write_json(record_file, record)
-    return record
+            return {"exported": [], "skipped": [], "reason": "no pipeline ran (visit ignored)"}
+        return export_outputs(
+            config, day_obs=target.day_obs, pipeline=pipeline["pipeline"], outputs=pipeline["products"],
+            raw_header=read_json(ingest_file)["header"],
+            where=f"{target.instrument} group {target.group} detector {target.detector}",
+        )
+
+    return _run_stage("export", visit_file, record_file, config, log_file, export)
 
 
 def run_apdb(visit_file: str, prep_file: str, pipeline_file: str, record_file: str,
@@ -120,14 +115,9 @@ def run_apdb(visit_file: str, prep_file: str, pipeline_file: str, record_file: s
     """Associate, store once and send alerts; write the APDB record."""
     from .apdb_load import load_detector_visit
 
-    target = _begin(visit_file, config, log_file)
-    with stage(target, "apdb") as timing:
-        record = load_detector_visit(_visit(visit_file, config), read_json(prep_file), read_json(pipeline_file),
-                                     config, target.work_dir / "alerts.avro",
-                                     outbox_file=target.work_dir / "alert_outbox.avro")
-    record["seconds"] = timing.as_dict()
-    write_json(record_file, record)
-    return record
+    return _run_stage("apdb", visit_file, record_file, config, log_file, lambda target: load_detector_visit(
+        _visit(visit_file, config), read_json(prep_file), read_json(pipeline_file), config,
+        target.work_dir / "alerts.avro", outbox_file=target.work_dir / "alert_outbox.avro"))
 
 
 def run_finish(visit_file: str, record_files: Sequence[str], done_file: str,

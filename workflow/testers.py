@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse  # noqa: F401 - annotations of the CLI helpers
 
 __all__ = [
-    "add_upload_arguments",
-    "upload_options_from_args","BrokerUnavailableError", "NoMatchingRawsError", "exit_status", "UploadOptions", "UploadedRaw",
-           "GroupReport", "next_seq_num", "upload_simulated"]
+    "BrokerUnavailableError", "GroupReport", "NoMatchingRawsError", "UploadOptions", "UploadedRaw",
+    "add_upload_arguments", "exit_status", "next_seq_num", "run_upload_cli", "upload_options_from_args",
+    "upload_simulated",
+]
 
 import concurrent.futures
 import dataclasses
@@ -24,6 +25,7 @@ import logging
 import multiprocessing
 import os
 import string
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -372,3 +374,37 @@ def upload_options_from_args(args: "argparse.Namespace", *, progress: bool) -> U
         avro=args.avro, schema_id=args.schema_id, kafka_timeout_s=args.kafka_timeout_s,
         progress=progress and not args.no_progress, skip_detectors=tuple(args.skip_detector),
         late_detectors=tuple(args.late_detector), survey=args.survey)
+
+
+def run_upload_cli(name: str, args: "argparse.Namespace", upload: Callable[[UploadOptions], list[GroupReport]]) -> int:
+    """Run a camera tester's upload for its CLI: logging, one error line, one line per group.
+
+    Parameters
+    ----------
+    name : `str`
+        The command's name, for the error line.
+    args : `argparse.Namespace`
+        Parsed options, including those of `add_upload_arguments`.
+    upload : callable
+        Does the uploads with the options built from ``args``; returns the reports.
+
+    Returns
+    -------
+    status : `int`
+        0, or the error's `exit_status`.
+    """
+    from .log_setup import configure_logging
+
+    configure_logging(f"root={'DEBUG' if args.debug else 'INFO' if args.verbose else 'WARNING'}", stream=sys.stderr)
+    options = upload_options_from_args(args, progress=sys.stderr.isatty())
+    try:
+        reports = upload(options)
+    except Exception as exc:  # noqa: BLE001 - the CLI reports any failure as one line.
+        if args.debug:
+            _log.exception("%s failed", name)
+        print(f"{name}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return exit_status(exc)
+    for report in reports:
+        print(f"{report.visit.groupId}: {len(report.raws)} raws, {len(report.keys)} objects "
+              f"in {report.seconds:.1f} s")
+    return 0
