@@ -46,7 +46,7 @@ from typing import Any
 from stream_shim.live_stack import LiveStack, ensure_central_repo
 from stream_shim.raw_arrival import parse_s3_event
 from stream_shim.status import percentile
-from workflow.config import PROJECT_ROOT
+from workflow.config import PROJECT_ROOT, load_config
 from workflow.instrument import Instrument
 from workflow.raw_keys import RawKeyLayout, lsst_exposure_id
 
@@ -57,7 +57,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=4, help="visits (default 4)")
     parser.add_argument("--detectors", type=int, default=2,
-                        help="active detectors per visit, the first N (default 2: one per core here; 9 = all)")
+                        help="active detectors per visit, the first N (default 2: one per core here)")
     parser.add_argument("--camera", default="replay", choices=("replay", "simulate"),
                         help="replay the central repo's raws (default) or simulate new ones on these cores")
     parser.add_argument("--scale", type=float, default=1.0, help="detector shrink factor (default 1: full size)")
@@ -263,8 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     built = ensure_central_repo(repo, INSTRUMENT, args.scale)
     print(f"central repo {repo}: {'built in %.0f s' % (time.monotonic() - started) if built else 'existing'}",
           flush=True)
-    n_detectors = min(args.detectors, 9)
-    active = {"active_detectors": {"default": False, "overrides": {str(d): True for d in range(n_detectors)}}}
+    detectors = [d.id for d in Instrument.from_config(load_config(instrument=INSTRUMENT)).active_detectors()]
+    chosen, others = detectors[:args.detectors], detectors[args.detectors:]
+    n_detectors = len(chosen)
+    active = {"active_detectors": {"default": False, "overrides": {str(d): True for d in chosen}}}
     stack = LiveStack(Path(args.workdir), repo=repo, instrument=INSTRUMENT, scale=args.scale, design=args.design,
                       overrides=active, shim_args=["--grace-s", "60"])
     stop = threading.Event()
@@ -276,10 +278,10 @@ def main(argv: list[str] | None = None) -> int:
         alerts.start()
         camera_args = ["--slew-s", str(args.slew_s), *args.upload_arg]
         if args.camera == "replay":
-            skipped = [f"--skip-detector={d}" for d in range(n_detectors, 9)]
+            skipped = [f"--skip-detector={d}" for d in others]
             upload = stack.upload_from_repo(args.groups, "--exposure-s", str(args.exptime), *skipped, *camera_args)
         else:
-            wanted = ["--detectors", *map(str, range(n_detectors))]
+            wanted = ["--detectors", *map(str, chosen)]
             upload = stack.upload(args.groups, "--exptime", str(args.exptime), *wanted, *camera_args)
         print(upload.stdout.rstrip(), flush=True)
         ended = stack.wait_targets(args.groups * n_detectors, args.timeout_s)

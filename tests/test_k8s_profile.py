@@ -32,7 +32,6 @@ import json
 import os
 import re
 import secrets
-import shutil
 import signal
 import socket
 import sqlite3
@@ -49,6 +48,7 @@ import yaml
 
 from fake_k8s import FakeKubernetes, PodMode, PodRun
 from raw_uploads import make_visit, upload_raw
+from shared_helpers import copy_workflow
 from stream_shim.local_services import S3Server
 from workflow.buckets import S3Bucket
 from workflow.central_repo import open_central_repo
@@ -165,15 +165,6 @@ def _visit_key(visit: DetectorVisit) -> str:
 
 def _target(visit: DetectorVisit) -> str:
     return f"results/{visit.instrument}/{visit.day_obs}/{visit.groupId}/{visit.detector}/done.json"
-
-
-def _copy_workflow(dest: Path) -> Path:
-    """Copy the real workflow sources (what Snakemake ships to pods) into ``dest``."""
-    dest.mkdir(parents=True)
-    shutil.copy2(PROJECT_ROOT / "Snakefile", dest / "Snakefile")
-    for name in ("rules", "scripts", "config"):
-        shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
 
 
 def _write_stand_in(dest: Path) -> Path:
@@ -417,7 +408,7 @@ class TestK8sProfileDryRun:
     def test_builds_dag_from_s3_without_kubeconfig(self, tmp_path: Path, s3_server: S3Server) -> None:
         """The default config, two targets: one group job per detector-visit, no kubeconfig anywhere."""
         visits = _upload_visits(s3_server, "dry")
-        workdir = _copy_workflow(tmp_path / "checkout")
+        workdir = copy_workflow(tmp_path / "checkout")
         env = _submit_env(tmp_path, s3_server, kubeconfig=None)
         result = _snakemake("snakemake", workdir, s3_server, f"s3://{BUCKET}/dry", env,
                             "-n", "--", *map(_target, visits))
@@ -432,7 +423,7 @@ class TestK8sProfileDryRun:
     def test_missing_visit_in_s3_fails_naming_it(self, tmp_path: Path, s3_server: S3Server) -> None:
         """A dry run does read S3: a target whose visit file is not there fails, naming that file."""
         visits = _upload_visits(s3_server, "dry-missing")
-        workdir = _copy_workflow(tmp_path / "checkout")
+        workdir = copy_workflow(tmp_path / "checkout")
         env = _submit_env(tmp_path, s3_server, kubeconfig=None)
         missing = _target(visits[0]).replace(f"/{visits[0].detector}/done.json", "/99/done.json")
         result = _snakemake("snakemake", workdir, s3_server, f"s3://{BUCKET}/dry-missing", env, "-n", "--", missing)
@@ -451,7 +442,7 @@ class TestK8sProfileJobs:
         self, tmp_path: Path, s3_server: S3Server, fake_k8s: FakeKubernetes,
     ) -> None:
         visits = _upload_visits(s3_server, "jobs")
-        workdir = _copy_workflow(tmp_path / "checkout")
+        workdir = copy_workflow(tmp_path / "checkout")
         env = _submit_env(tmp_path, s3_server, fake_k8s.write_kubeconfig(tmp_path / "kubeconfig"))
         result = _snakemake("snakemake", workdir, s3_server, f"s3://{BUCKET}/jobs", env,
                             "--seconds-between-status-checks", "1", "--", *map(_target, visits))
@@ -553,7 +544,7 @@ class TestK8sProfileRun:
         self, tmp_path: Path, s3_server: S3Server, stage_servers: None, fake_k8s: FakeKubernetes,
     ) -> None:
         """The real Snakefile, a small central repo and APDB: each pod runs a detector's whole chain."""
-        workdir = _copy_workflow(tmp_path / "checkout")
+        workdir = copy_workflow(tmp_path / "checkout")
         config, visits = _real_run_setup(tmp_path, workdir, s3_server)
         prefix = f"real-{secrets.token_hex(4)}"  # the visits are the same each run: a fresh prefix for each
         _upload_visits(s3_server, prefix, visits)

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 
+from shared_helpers import wait_until
 from stream_shim.backends import Batch, StreamingBackend, SubprocessPoolBackend
 from stream_shim.process_group import ChildRegistry, group_members, process_start_ticks, spawn, stop_group
 from stream_shim.queue_runner import WRAPPER_RULE, write_wrapper_snakefile
@@ -44,12 +45,7 @@ def _toy(tmp_path: Path) -> Path:
 
 
 def _wait(predicate, timeout: float = 60.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(predicate, timeout)
 
 
 class Recorder:

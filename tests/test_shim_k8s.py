@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -27,18 +26,11 @@ from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from fake_k8s import FakeKubernetes
+from shared_helpers import copy_workflow
 from workflow.config import PROJECT_ROOT
 from workflow.visit import CoordSys, Dome, NextVisit, RotSys
 
 PROFILE = PROJECT_ROOT / "profiles" / "k8s"
-
-
-def _copy_workflow(dest: Path) -> Path:
-    dest.mkdir(parents=True)
-    shutil.copy2(PROJECT_ROOT / "Snakefile", dest / "Snakefile")
-    for name in ("rules", "scripts", "config"):
-        shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
-    return dest
 
 
 class TestShimK8s:
@@ -61,7 +53,7 @@ class TestShimK8s:
             "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(tmp_path / "unused")},
             "kafka_topics": topics, "buckets": {"raw": raw_bucket},
         }))
-        checkout = _copy_workflow(tmp_path / "checkout")
+        checkout = copy_workflow(tmp_path / "checkout")
         profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
         with FakeKubernetes(tmp_path / "pods", namespaces=(profile["kubernetes-namespace"],), pod_mode="fail") as fake:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "AWS_", "SNAKEMAKE_", "PG"))}

@@ -4,12 +4,12 @@
 from __future__ import annotations
 
 import json
-import time
 import urllib.request
 
 import pytest
 from astropy.time import Time
 
+from shared_helpers import wait_until
 from stream_shim.backends import Batch, _OutputFilter, job_error_target
 from stream_shim.consumer import NextVisitHandler
 from stream_shim.journal import AcceptedVisit, VisitJournal
@@ -51,12 +51,7 @@ def _targets(detectors, group=GROUP) -> list[TargetPaths]:
 
 
 def _wait(predicate, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
-    return True
+    return wait_until(predicate, timeout)
 
 
 @pytest.fixture

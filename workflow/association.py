@@ -400,7 +400,7 @@ def associate_store_alert(
             alerts = outbox.prepare(alerts)
     outcome = store_detector_visit(apdb, visit_time, result.objects, result.sources, visit=visit, detector=detector)
     summary = None
-    if sink is not None and alerts is not None and (outcome.stored or outbox is not None):
+    if alerts is not None and (outcome.stored or outbox is not None):  # alerts: None without a sink, or if sent
         summary = sink.send(alerts, visit=visit, detector=detector)
         if outbox is not None:
             outbox.mark_sent()

@@ -24,9 +24,9 @@ import time
 from pathlib import Path
 
 _START_TIMEOUT_S = 60.0
-PACKAGE_DIR = Path(__file__).resolve().parent
 CLIENT_SCRIPT = str(Path(__file__).resolve())
 """This file, as rules run it (``python -S CLIENT_SCRIPT ...``: no site-packages needed)."""
+PACKAGE_DIR = Path(CLIENT_SCRIPT).parent
 
 
 def socket_path() -> Path:

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from threadpoolctl import threadpool_limits  # imported once in the server, not in every forked stage
+
 _log = logging.getLogger(__name__)
 
 IDLE_TIMEOUT_S = 30.0
@@ -58,8 +60,6 @@ def limit_threads(env: dict[str, str]) -> int | None:
     threads = env.get("OMP_NUM_THREADS", "")
     if not threads.isdigit():
         return None
-    from threadpoolctl import threadpool_limits
-
     limit = max(1, int(threads))
     threadpool_limits(limit)
     return limit

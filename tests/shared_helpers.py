@@ -1,0 +1,29 @@
+"""Small helpers several test modules share (imported as a top-level module, like `fake_k8s`)."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from workflow.config import PROJECT_ROOT
+
+
+def copy_workflow(dest: Path) -> Path:
+    """Copy the real workflow sources (Snakefile, rules/, scripts/, config/: what Snakemake ships to pods)."""
+    dest.mkdir(parents=True)
+    shutil.copy2(PROJECT_ROOT / "Snakefile", dest / "Snakefile")
+    for name in ("rules", "scripts", "config"):
+        shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
+    """Poll ``predicate`` every 0.05 s; return whether it became true within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
