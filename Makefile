@@ -1,6 +1,7 @@
 # prompt-snake: one command to set up and run the demo, one to set up and pass the tests.
 #   make demo   - create .venv, install, build the embedded demo and run it (no servers)
-#   make test   - create .venv, install, run the test suite (tests start their own servers)
+#   make test   - create .venv, install, run the style checks and the test suite (tests start their own servers)
+#   make lint   - ruff, mypy, snakefmt and snakemake --lint only
 #   make live-demo - broker, S3, stream shim and camera tester on this machine
 #   make report - HTML report with pictures of the last run (after make demo)
 
@@ -10,7 +11,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo live-demo report clean-demo
+.PHONY: setup test-packages lint test demo live-demo report clean-demo
 
 setup: $(STAMP)
 
@@ -18,11 +19,23 @@ setup: $(STAMP)
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[services,test,report]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[services,test,report,lint]'
 	touch $(STAMP)
 
+# Style, enforced: ruff (lint + format), mypy, snakefmt, snakemake --lint.  Any finding fails.
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+	$(VENV)/bin/snakefmt --check Snakefile rules/
+	$(VENV)/bin/snakemake --lint --quiet all
+
+# Debian packages the tests need (PostgreSQL server binaries, Chromium, graphviz), when missing.
+test-packages:
+	@bash scripts/install_test_packages.sh
+
 # pytest's own exit code is kept in .test-exit-code for .ci/run; 5 = no tests ran.
-test: setup
+test: setup test-packages lint
 	@rm -f .test-exit-code
 	@$(PY) -m pytest $(PYTEST_ARGS); rc=$$?; echo $$rc > .test-exit-code; \
 	  if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests: failing"; fi; \

@@ -3,9 +3,11 @@
 # Target: results/{instrument}/{day_obs}/{group}/{detector}/done.json
 # Input:  visits/{instrument}/{day_obs}/{group}/{detector}.json (the fanned-out
 #         next_visit, written by the stream shim live or by scripts/replay.py)
-# Chain:  prep, ingest -> run_pipeline -> export_outputs, apdb_load -> finish_target
+# Chain:  prep, ingest -> pipeline -> export, apdb -> finish (one word per stage, see workflow.stages)
 #
 # Choose the instrument with: snakemake --configfile config/instruments/<X>.yaml
+
+import os
 
 from snakemake.utils import min_version
 
@@ -13,13 +15,15 @@ min_version("9.0")
 
 
 # Config paths are relative to this file, so a run may use any --directory.
-configfile: workflow.basedir + "/config/config.yaml"
-configfile: workflow.basedir + "/config/pipelines.yaml"
+configfile: os.path.join(workflow.basedir, "config/config.yaml")
+configfile: os.path.join(workflow.basedir, "config/pipelines.yaml")
 
 
 if "instrument" not in config:
     # No --configfile named an instrument: use the default one.
-    workflow.configfile(workflow.basedir + "/" + config["default_instrument_file"])
+    workflow.configfile(
+        os.path.join(workflow.basedir, config["default_instrument_file"])
+    )
 
 
 include: "rules/common.smk"

@@ -1,24 +1,26 @@
-# apdb_load: association, DiaObject/DiaSource writes (one store), alerts.
+# apdb: association, DiaObject/DiaSource writes (one store), alerts.
 
 
-rule apdb_load:
+rule apdb:
     input:
         visit=VISIT_FILE,
         prep=rules.prep.output.manifest,
-        pipeline=rules.run_pipeline.output.record,
+        pipeline=rules.pipeline.output.record,
     output:
-        record=WORK + "/apdb.json",
+        record=f"{WORK}/apdb.json",
     log:
-        "logs/apdb/" + TAIL + ".log",
+        f"logs/apdb/{TAIL}.log",
     benchmark:
-        "benchmarks/apdb/" + TAIL + ".tsv"
+        f"benchmarks/apdb/{TAIL}.tsv"
+    priority: PRIORITY["apdb"]
     group:
         "detector_visit"
-    priority:
-        PRIORITY["apdb_load"]
+    conda:
+        ENV
     resources:
         mem_mb=1000,
     params:
         config=CONFIG_JSON,
     shell:
-        STAGE + " apdb {params.config} {log:q} -- {input.visit:q} {input.prep:q} {input.pipeline:q} {output.record:q}"
+        STAGE
+        + " apdb --config {params.config:q} --log {log:q} --visit {input.visit:q} --prep {input.prep:q} --pipeline {input.pipeline:q} --record {output.record:q}"

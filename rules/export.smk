@@ -1,44 +1,48 @@
 # export: selected outputs to the central repo; finish: the target's summary.
 
 
-rule export_outputs:
+rule export:
     input:
         visit=VISIT_FILE,
         ingest=rules.ingest.output.record,
-        pipeline=rules.run_pipeline.output.record,
+        pipeline=rules.pipeline.output.record,
     output:
-        record=WORK + "/export.json",
+        record=f"{WORK}/export.json",
     log:
-        "logs/export/" + TAIL + ".log",
+        f"logs/export/{TAIL}.log",
     benchmark:
-        "benchmarks/export/" + TAIL + ".tsv"
+        f"benchmarks/export/{TAIL}.tsv"
+    priority: PRIORITY["export"]
     group:
         "detector_visit"
-    priority:
-        PRIORITY["export_outputs"]
+    conda:
+        ENV
     resources:
         mem_mb=1000,
     params:
         config=CONFIG_JSON,
     shell:
-        STAGE + " export {params.config} {log:q} -- {input.visit:q} {input.ingest:q} {input.pipeline:q} {output.record:q}"
+        STAGE
+        + " export --config {params.config:q} --log {log:q} --visit {input.visit:q} --ingest {input.ingest:q} --pipeline {input.pipeline:q} --record {output.record:q}"
 
 
-rule finish_target:
+rule finish:
     input:
         visit=VISIT_FILE,
         records=get_stage_records,
     output:
-        done=RESULT + "/done.json",
+        done=f"{RESULT}/done.json",
     log:
-        "logs/finish/" + TAIL + ".log",
+        f"logs/finish/{TAIL}.log",
     benchmark:
-        "benchmarks/finish/" + TAIL + ".tsv"
+        f"benchmarks/finish/{TAIL}.tsv"
+    priority: PRIORITY["finish"]
     group:
         "detector_visit"
-    priority:
-        PRIORITY["finish_target"]
+    conda:
+        ENV
     params:
         config=CONFIG_JSON,
     shell:
-        STAGE + " finish {params.config} {log:q} -- {input.visit:q} {output.done:q} {input.records:q}"
+        STAGE
+        + " finish --config {params.config:q} --log {log:q} --visit {input.visit:q} --records {input.records:q} --done {output.done:q}"

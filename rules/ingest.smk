@@ -5,18 +5,20 @@ rule ingest:
     input:
         visit=VISIT_FILE,
     output:
-        record=WORK + "/ingest.json",
+        record=f"{WORK}/ingest.json",
     log:
-        "logs/ingest/" + TAIL + ".log",
+        f"logs/ingest/{TAIL}.log",
     benchmark:
-        "benchmarks/ingest/" + TAIL + ".tsv"
+        f"benchmarks/ingest/{TAIL}.tsv"
+    priority: PRIORITY["ingest"]
     group:
         "detector_visit"
-    priority:
-        PRIORITY["ingest"]
+    conda:
+        ENV
     resources:
         mem_mb=1000,
     params:
         config=CONFIG_JSON,
     shell:
-        STAGE + " ingest {params.config} {log:q} -- {input.visit:q} {output.record:q}"
+        STAGE
+        + " ingest --config {params.config:q} --log {log:q} --visit {input.visit:q} --record {output.record:q}"

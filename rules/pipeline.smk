@@ -1,25 +1,27 @@
 # pipeline: ISR, calibrate, image differencing, DIA sources, with fallback pipelines.
 
 
-rule run_pipeline:
+rule pipeline:
     input:
         visit=VISIT_FILE,
         prep=rules.prep.output.manifest,
         ingest=rules.ingest.output.record,
     output:
-        record=WORK + "/pipeline.json",
+        record=f"{WORK}/pipeline.json",
     log:
-        "logs/pipeline/" + TAIL + ".log",
+        f"logs/pipeline/{TAIL}.log",
     benchmark:
-        "benchmarks/pipeline/" + TAIL + ".tsv"
+        f"benchmarks/pipeline/{TAIL}.tsv"
+    priority: PRIORITY["pipeline"]
     group:
         "detector_visit"
-    priority:
-        PRIORITY["run_pipeline"]
+    conda:
+        ENV
     threads: 1
     resources:
         mem_mb=4000,
     params:
         config=CONFIG_JSON,
     shell:
-        STAGE + " pipeline {params.config} {log:q} -- {input.visit:q} {input.prep:q} {input.ingest:q} {output.record:q}"
+        STAGE
+        + " pipeline --config {params.config:q} --log {log:q} --visit {input.visit:q} --prep {input.prep:q} --ingest {input.ingest:q} --record {output.record:q}"

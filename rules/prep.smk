@@ -5,18 +5,20 @@ rule prep:
     input:
         visit=VISIT_FILE,
     output:
-        manifest=WORK + "/prep.json",
+        manifest=f"{WORK}/prep.json",
     log:
-        "logs/prep/" + TAIL + ".log",
+        f"logs/prep/{TAIL}.log",
     benchmark:
-        "benchmarks/prep/" + TAIL + ".tsv"
+        f"benchmarks/prep/{TAIL}.tsv"
+    priority: PRIORITY["prep"]
     group:
         "detector_visit"
-    priority:
-        PRIORITY["prep"]
+    conda:
+        ENV
     resources:
         mem_mb=1000,
     params:
         config=CONFIG_JSON,
     shell:
-        STAGE + " prep {params.config} {log:q} -- {input.visit:q} {output.manifest:q}"
+        STAGE
+        + " prep --config {params.config:q} --log {log:q} --visit {input.visit:q} --manifest {output.manifest:q}"

@@ -5,7 +5,7 @@
         [--design streaming|subprocess] [--exptime 30] [--slew-s 2]
         [--upload-arg=--skip-detector=8 ...] [--json out.json]
 
-Runs the live stack (`stream_shim.live_stack.LiveStack`: Tansu, SeaweedFS with the
+Runs the live stack (`stream_shim.testbed.live_stack.LiveStack`: Tansu, SeaweedFS with the
 filer bridge, the shim on profiles/local), the camera for ``--groups`` visits of
 LSSTComCamSim at the demo field, and two consumers of its own: the raw-notification
 topic (when each raw was announced) and the alert topic (when each alert was
@@ -39,16 +39,17 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from stream_shim.live_stack import LiveStack, ensure_central_repo
 from stream_shim.raw_arrival import parse_s3_event
 from stream_shim.status import percentile
-from workflow.config import PROJECT_ROOT, load_config
-from workflow.instrument import Instrument
-from workflow.raw_keys import RawKeyLayout, lsst_exposure_id
+from stream_shim.testbed.live_stack import LiveStack, ensure_central_repo
+from workflow.core.config import PROJECT_ROOT, load_config
+from workflow.core.instrument import Instrument
+from workflow.core.raw_keys import RawKeyLayout, lsst_exposure_id
+from workflow.stages.records import read_stage_record
 
 INSTRUMENT = "LSSTComCamSim"
 
@@ -56,10 +57,18 @@ INSTRUMENT = "LSSTComCamSim"
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--groups", type=int, default=4, help="visits (default 4)")
-    parser.add_argument("--detectors", type=int, default=2,
-                        help="active detectors per visit, the first N (default 2: one per core here)")
-    parser.add_argument("--camera", default="replay", choices=("replay", "simulate"),
-                        help="replay the central repo's raws (default) or simulate new ones on these cores")
+    parser.add_argument(
+        "--detectors",
+        type=int,
+        default=2,
+        help="active detectors per visit, the first N (default 2: one per core here)",
+    )
+    parser.add_argument(
+        "--camera",
+        default="replay",
+        choices=("replay", "simulate"),
+        help="replay the central repo's raws (default) or simulate new ones on these cores",
+    )
     parser.add_argument("--scale", type=float, default=1.0, help="detector shrink factor (default 1: full size)")
     parser.add_argument("--repo", default=None, help="central repo (default WORKDIR/central_repo_scale<S>, 0.5 -> 0p5)")
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / "demo" / "bench_latency"), help="run directory")
@@ -68,15 +77,24 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--slew-s", type=float, default=2.0, help="seconds between next_visit and exposure")
     parser.add_argument("--timeout-s", type=float, default=3600.0, help="give up waiting after this long")
     parser.add_argument("--json", default=None, help="also write the report here")
-    parser.add_argument("--upload-arg", action="append", default=[], metavar="ARG",
-                        help="pass on to scripts/upload.py (e.g. --upload-arg=--skip-detector=8)")
+    parser.add_argument(
+        "--upload-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass on to scripts/upload.py (e.g. --upload-arg=--skip-detector=8)",
+    )
     parser.add_argument("--compare-designs", action="store_true", help="compare the submission designs alone")
     parser.add_argument("--visits", type=int, default=5, help="--compare-designs: visits (default 5)")
     parser.add_argument("--interval-s", type=float, default=8.0, help="--compare-designs: seconds between visits")
     parser.add_argument("--job-s", type=float, default=0.2, help="--compare-designs: seconds per job")
     parser.add_argument("--repeats", type=int, default=2, help="--compare-designs: runs per design")
-    parser.add_argument("--slow-ingest-s", type=float, default=0.0,
-                        help="--compare-designs: detector 8's ingest waits this long (a missing raw's timeout)")
+    parser.add_argument(
+        "--slow-ingest-s",
+        type=float,
+        default=0.0,
+        help="--compare-designs: detector 8's ingest waits this long (a missing raw's timeout)",
+    )
     return parser.parse_args(argv)
 
 
@@ -91,9 +109,16 @@ class _Watcher(threading.Thread):
     def run(self) -> None:
         from confluent_kafka import Consumer
 
-        consumer = Consumer({"bootstrap.servers": self.bootstrap, "group.id": f"bench-{uuid.uuid4().hex}",
-                            "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                            "session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": self.bootstrap,
+                "group.id": f"bench-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 2000,
+                "heartbeat.interval.ms": 500,
+            }
+        )
         consumer.subscribe([self.topic])
         try:
             while not self.stop.is_set():
@@ -116,9 +141,17 @@ def _raw_keys(config: Mapping[str, Any]) -> Any:
             fields = layout.parse(event.key)
             if fields is None or not event.event_name.startswith("ObjectCreated"):
                 continue
-            day, seq = fields.obs_id.split("_")[2:4] if fields.obs_id else (None, None)
-            exposure = fields.exposure if fields.exposure is not None else lsst_exposure_id(day, int(seq))
-            detector = fields.detector if fields.detector is not None else instrument.detector(fields.detector_name).id
+            if fields.exposure is not None:
+                exposure = fields.exposure
+            else:
+                assert fields.obs_id, "a raw key names its exposure id or its obs_id"
+                day, seq = fields.obs_id.split("_")[2:4]
+                exposure = lsst_exposure_id(day, int(seq))
+            if fields.detector is not None:
+                detector = fields.detector
+            else:
+                assert fields.detector_name is not None, "a raw key names its detector id or name"
+                detector = instrument.detector(fields.detector_name).id
             found.append((exposure, detector))
         return found
 
@@ -126,15 +159,19 @@ def _raw_keys(config: Mapping[str, Any]) -> Any:
 
 
 def _alert_keys(value: bytes) -> list[tuple[int, int]]:
-    from workflow.alerts import deserialize_alert
+    from workflow.apdb.alerts import deserialize_alert
 
     source = deserialize_alert(value)["diaSource"]
     return [(int(source["visit"]), int(source["detector"]))]
 
 
 def _stats(values: list[float]) -> dict[str, Any]:
-    return {"n": len(values), "p50_s": _r(percentile(values, 50)), "p95_s": _r(percentile(values, 95)),
-            "max_s": _r(max(values) if values else None)}
+    return {
+        "n": len(values),
+        "p50_s": _r(percentile(values, 50)),
+        "p95_s": _r(percentile(values, 95)),
+        "max_s": _r(max(values) if values else None),
+    }
 
 
 def _r(value: float | None) -> float | None:
@@ -145,7 +182,7 @@ def _report(stack: LiveStack, raws: _Watcher, alerts: _Watcher) -> dict[str, Any
     to_alert, to_done, per_target = [], [], []
     for done in stack.workdir.glob(f"results/{INSTRUMENT}/*/*/*/done.json"):
         tail = done.parent.relative_to(stack.workdir / "results")  # {instrument}/{day_obs}/{group}/{detector}
-        record = json.loads((stack.workdir / "work_area" / tail / "pipeline.json").read_text())
+        record = read_stage_record(stack.workdir / "work_area" / tail / "pipeline.json", "pipeline").body
         key = (int(record["visit_id"]), int(tail.name))
         if key not in raws.seen:
             continue
@@ -157,10 +194,14 @@ def _report(stack: LiveStack, raws: _Watcher, alerts: _Watcher) -> dict[str, Any
             entry.update(to_last_alert_s=_r(to_alert[-1]), n_alerts=len(alerts.seen[key]))
         per_target.append(entry)
     status = stack.status()
-    return {"notification_to_last_alert": _stats(to_alert), "notification_to_done": _stats(to_done),
-            "shim_submit_to_outcome": status.get("latencies", {}).get("submit_to_outcome"),
-            "targets": status.get("gauges", {}).get("targets"), "failures": status.get("counts", {}).get("failures"),
-            "per_detector_visit": sorted(per_target, key=lambda e: (e["visit"], e["detector"]))}
+    return {
+        "notification_to_last_alert": _stats(to_alert),
+        "notification_to_done": _stats(to_done),
+        "shim_submit_to_outcome": status.get("latencies", {}).get("submit_to_outcome"),
+        "targets": status.get("gauges", {}).get("targets"),
+        "failures": status.get("counts", {}).get("failures"),
+        "per_detector_visit": sorted(per_target, key=lambda e: (e["visit"], e["detector"])),
+    }
 
 
 _TOY_CHAIN = """
@@ -175,19 +216,19 @@ rule prep:
 rule ingest:
     output: W + "/ingest.json"
     shell: "if [ {wildcards.det} = 8 ]; then sleep %(slow)s; fi; sleep %(job)s; touch {output}"
-rule run_pipeline:
+rule pipeline:
     input: W + "/prep.json", W + "/ingest.json"
     output: W + "/pipeline.json"
     shell: "sleep %(job)s; touch {output}"
-rule export_outputs:
+rule export:
     input: W + "/pipeline.json"
     output: W + "/export.json"
     shell: "sleep %(job)s; touch {output}"
-rule apdb_load:
+rule apdb:
     input: W + "/pipeline.json"
     output: W + "/apdb.json"
     shell: "sleep %(job)s; touch {output}"
-rule finish_target:
+rule finish:
     input: W + "/export.json", W + "/apdb.json"
     output: "results/{inst}/{day}/{group}/{det}/done.json"
     shell: "touch {output}"
@@ -210,19 +251,50 @@ def _compare_designs(args: argparse.Namespace) -> dict[str, Any]:
             run.mkdir(parents=True)
             snakefile = run / "Snakefile"
             snakefile.write_text(_TOY_CHAIN % {"job": args.job_s, "slow": args.slow_ingest_s})
-            flags = ["--snakefile", str(snakefile), "--directory", str(run), "--nolock", "--keep-going",
-                     "--scheduler", "greedy", "--set-threads", "ingest=0"]
+            flags = [
+                "--snakefile",
+                str(snakefile),
+                "--directory",
+                str(run),
+                "--nolock",
+                "--keep-going",
+                "--scheduler",
+                "greedy",
+                "--set-threads",
+                "ingest=0",
+            ]
             registry, env = ChildRegistry(run / "children.json"), {"PATH": "/usr/bin:/bin"}
             if design == "streaming":
                 backend: Any = StreamingBackend(
-                    [sys.executable, "-m", "stream_shim.queue_runner", *flags, "--cores", "2",
-                     "--queue-input-wait-time", "1"], env=env, log_dir=run, registry=registry, workdir=run,
-                    unfinished=lambda: [])
+                    [
+                        sys.executable,
+                        "-m",
+                        "stream_shim.queue_runner",
+                        *flags,
+                        "--cores",
+                        "2",
+                        "--queue-input-wait-time",
+                        "1",
+                    ],
+                    env=env,
+                    log_dir=run,
+                    registry=registry,
+                    workdir=run,
+                    unfinished=lambda: [],
+                )
             else:
+
+                def command(targets: Sequence[str], cores: int | None, flags: list[str] = flags) -> list[str]:
+                    return [sys.executable, "-m", "snakemake", *flags, "--cores", str(cores), "--", *targets]
+
                 backend = SubprocessPoolBackend(
-                    lambda targets, cores: [sys.executable, "-m", "snakemake", *flags, "--cores", str(cores), "--",
-                                            *targets], max_cores=2, env=env, log_dir=run, registry=registry,
-                    workdir=run)
+                    command,
+                    max_cores=2,
+                    env=env,
+                    log_dir=run,
+                    registry=registry,
+                    workdir=run,
+                )
             backend.start(lambda targets, reason: None, lambda key: None)
             submitted: dict[str, float] = {}
             visits: list[list[str]] = []
@@ -243,16 +315,27 @@ def _compare_designs(args: argparse.Namespace) -> dict[str, Any]:
             stats["target"] += [done[t] - submitted[t] for t in done]
             stats["visit"] += [max(done[t] for t in v) - submitted[v[0]] for v in visits if all(t in done for t in v)]
             print(f"{design} run {repeat}: {len(done)}/{len(submitted)} targets done", flush=True)
-    return {design: {"submit_to_done_per_target": _stats(stats["target"]),
-                     "submit_to_last_done_per_visit": _stats(stats["visit"])} for design, stats in results.items()}
+    return {
+        design: {
+            "submit_to_done_per_target": _stats(stats["target"]),
+            "submit_to_last_done_per_visit": _stats(stats["visit"]),
+        }
+        for design, stats in results.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the benchmark; print (and optionally save) the report."""
     args = _parse(argv)
     if args.compare_designs:
-        report = {"visits": args.visits, "interval_s": args.interval_s, "job_s": args.job_s,
-                  "slow_ingest_s": args.slow_ingest_s, "repeats": args.repeats, **_compare_designs(args)}
+        report = {
+            "visits": args.visits,
+            "interval_s": args.interval_s,
+            "job_s": args.job_s,
+            "slow_ingest_s": args.slow_ingest_s,
+            "repeats": args.repeats,
+            **_compare_designs(args),
+        }
         print(json.dumps(report, indent=1))
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=1))
@@ -261,16 +344,25 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(args.repo or Path(args.workdir) / f"central_repo_scale{scale_tag}").resolve()
     started = time.monotonic()
     built = ensure_central_repo(repo, INSTRUMENT, args.scale)
-    print(f"central repo {repo}: {'built in %.0f s' % (time.monotonic() - started) if built else 'existing'}",
-          flush=True)
+    print(
+        f"central repo {repo}: {'built in %.0f s' % (time.monotonic() - started) if built else 'existing'}", flush=True
+    )
     detectors = [d.id for d in Instrument.from_config(load_config(instrument=INSTRUMENT)).active_detectors()]
-    chosen, others = detectors[:args.detectors], detectors[args.detectors:]
+    chosen, others = detectors[: args.detectors], detectors[args.detectors :]
     n_detectors = len(chosen)
     active = {"active_detectors": {"default": False, "overrides": {str(d): True for d in chosen}}}
-    stack = LiveStack(Path(args.workdir), repo=repo, instrument=INSTRUMENT, scale=args.scale, design=args.design,
-                      overrides=active, shim_args=["--grace-s", "60"])
+    stack = LiveStack(
+        Path(args.workdir),
+        repo=repo,
+        instrument=INSTRUMENT,
+        scale=args.scale,
+        design=args.design,
+        overrides=active,
+        shim_args=["--grace-s", "60"],
+    )
     stop = threading.Event()
     with stack:
+        assert stack.broker is not None  # started by LiveStack.__enter__
         topics = stack.config["kafka_topics"]
         raws = _Watcher(stack.broker.bootstrap, topics["raw_notification"], _raw_keys(stack.config), stop)
         alerts = _Watcher(stack.broker.bootstrap, topics["alerts"], _alert_keys, stop)
@@ -289,9 +381,16 @@ def main(argv: list[str] | None = None) -> int:
         stop.set()
         raws.join(timeout=5)
         alerts.join(timeout=5)
-        report = {"design": args.design, "scale": args.scale, "groups": args.groups, "detectors": n_detectors,
-                  "camera": args.camera, "exptime_s": args.exptime,
-                  "all_ended": ended, **_report(stack, raws, alerts)}
+        report = {
+            "design": args.design,
+            "scale": args.scale,
+            "groups": args.groups,
+            "detectors": n_detectors,
+            "camera": args.camera,
+            "exptime_s": args.exptime,
+            "all_ended": ended,
+            **_report(stack, raws, alerts),
+        }
     text = json.dumps(report, indent=1)
     print(text)
     if args.json:

@@ -1,7 +1,7 @@
 """Benchmark the alert-production science chain (ApPipe) on simulated full-size detectors.
 
-Each detector-visit comes from the project simulator (`workflow.simulate`
-raws, `workflow.calibs`, `workflow.refcat`, `workflow.templates`, assembled
+Each detector-visit comes from the project simulator (`workflow.sim.simulate`
+raws, `workflow.sim.calibs`, `workflow.sim.refcat`, `workflow.sim.templates`, assembled
 by ``tests/science_images.simulate_detector_visit``) on a static sky (no
 simulated variables or transients).  On "injection" detectors, point sources
 drawn with the simulator's PSF are added to the raw amplifier segments (flat
@@ -43,14 +43,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from science_images import simulate_detector_visit, true_zero_point, wcs_error_mas  # noqa: E402
 
-from workflow.amplifiers import disassemble_image  # noqa: E402
-from workflow.calibs import flat_pattern  # noqa: E402
-from workflow.config import load_yaml  # noqa: E402
-from workflow.exposure import MaskPlane  # noqa: E402
-from workflow.photometry import psf_photometry  # noqa: E402
-from workflow.pipelines import run_pipelines  # noqa: E402
-from workflow.sim_render import add_point_sources  # noqa: E402
-from workflow.sky_model import SkyModel  # noqa: E402
+from workflow.core.amplifiers import disassemble_image  # noqa: E402
+from workflow.core.config import load_yaml  # noqa: E402
+from workflow.science.masks import MaskPlane  # noqa: E402
+from workflow.science.photometry import psf_photometry  # noqa: E402
+from workflow.science.pipelines import run_pipelines  # noqa: E402
+from workflow.sim.calibs import flat_pattern  # noqa: E402
+from workflow.sim.render import add_point_sources  # noqa: E402
+from workflow.sim.sky_model import SkyModel  # noqa: E402
 
 _log = logging.getLogger("bench_science")
 
@@ -59,8 +59,9 @@ UNUSABLE = int(MaskPlane.BAD | MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.EDG
 FIELD = (150.1, 2.2)
 
 
-def _positions(shape: tuple[int, int], n: int, rng: np.random.Generator, border: int = 40,
-               min_sep: float = 30.0) -> np.ndarray:  # fmt: skip
+def _positions(
+    shape: tuple[int, int], n: int, rng: np.random.Generator, border: int = 40, min_sep: float = 30.0
+) -> np.ndarray:
     """Return up to ``n`` random positions ``(x, y)``, ``min_sep`` apart, ``border`` inside."""
     xy = rng.uniform((border, border), (shape[1] - border, shape[0] - border), size=(4 * n, 2))
     keep = [0]
@@ -88,7 +89,7 @@ def inject(visit, n: int, rng: np.random.Generator) -> dict[str, np.ndarray]:  #
     segments = disassemble_image(electrons / np.float32(geom.gain), geom, fill=0.0)
     snaps = visit.inputs.raws
     amps = geom.amplifiers
-    snaps[0] = [np.rint(seg + segments[amp.name]).astype(np.int32) for seg, amp in zip(snaps[0], amps)]
+    snaps[0] = [np.rint(seg + segments[amp.name]).astype(np.int32) for seg, amp in zip(snaps[0], amps, strict=False)]
     flux = snr * noise / raw.truth.meta["e_per_nJy"]
     return {"x": xy[:, 0], "y": xy[:, 1], "flux": flux, "nominal_snr": snr}
 
@@ -100,24 +101,31 @@ def run_detector(args: argparse.Namespace, index: int, n_inject: int) -> dict:
     detectors = args.detector_ids or [4]
     start = time.perf_counter()
     visit = simulate_detector_visit(
-        instrument=args.instrument, scale=args.scale, detector=detectors[index % len(detectors)], seed=seed,
-        sky=sky, field=(FIELD[0] + 0.05 * index, FIELD[1]),
+        instrument=args.instrument,
+        scale=args.scale,
+        detector=detectors[index % len(detectors)],
+        seed=seed,
+        sky=sky,
+        field=(FIELD[0] + 0.05 * index, FIELD[1]),
         start=f"2025-02-{1 + index % 27:02d}T03:00:00",
-    )  # fmt: skip
+    )
     truth = inject(visit, n_inject, np.random.default_rng(seed)) if n_inject else None
     simulated = time.perf_counter() - start
     visit.inputs.options = {"subtract_images": {"method": args.method}}
     run = run_pipelines(["ApPipe"], {"ApPipe": STEPS}, visit.inputs)
     calexp, diff, dia = run.outputs["calexp"], run.outputs["difference"], run.outputs["dia_sources"]
     out = {
-        "seed": seed, "detector": visit.raw.detector.id, "simulate_s": round(simulated, 2),
+        "seed": seed,
+        "detector": visit.raw.detector.id,
+        "simulate_s": round(simulated, 2),
         "seeing_arcsec": round(visit.raw.conditions.seeing_arcsec, 3),
         "subtraction_convolved": diff.metadata["SUBCONV"],
         "timings": {t.step: (t.wall_s, t.cpu_s) for t in run.timings},
         "wcs_error_mas": wcs_error_mas(calexp.wcs, visit.raw.true_wcs, calexp.shape),
         "zero_point_error_mag": calexp.zero_point - true_zero_point(visit.raw),
-        "n_dia": len(dia), "pixel_arcsec": visit.instrument.pixel_scale_arcsec,
-    }  # fmt: skip
+        "n_dia": len(dia),
+        "pixel_arcsec": visit.instrument.pixel_scale_arcsec,
+    }
     if truth is not None:
         out |= _score_injections(truth, diff, dia)
     _log.info("detector %s: %s", index, {k: v for k, v in out.items() if np.isscalar(v)})
@@ -139,8 +147,12 @@ def _score_injections(truth: dict, diff, dia) -> dict:  # noqa: ANN001
     near = cKDTree(np.column_stack([x, y])).query(dia[["x", "y"]].to_numpy())[0] if len(dia) else np.zeros(0)
     rows = positive.iloc[index[found]]
     return {
-        "snr": truth["flux"] / err, "found": found, "usable": usable, "pull": (flux - truth["flux"]) / err,
-        "offset_px": dist[found], "snr_found": (truth["flux"] / err)[found],
+        "snr": truth["flux"] / err,
+        "found": found,
+        "usable": usable,
+        "pull": (flux - truth["flux"]) / err,
+        "offset_px": dist[found],
+        "snr_found": (truth["flux"] / err)[found],
         "dia_pull": ((rows["psfFlux"] - truth["flux"][found]) / rows["psfFluxErr"]).to_numpy(),
         "false_with_injections": int((near > 2.0).sum()),
     }
@@ -175,15 +187,14 @@ def summarize(injected: list[dict], static: list[dict]) -> dict:
             wall = [r["timings"][step][0] for r in everything]
             cpu = [r["timings"][step][1] for r in everything]
         seconds[step] = {
-            "wall_median": round(float(np.median(wall)), 2), "cpu_median": round(float(np.median(cpu)), 2),
+            "wall_median": round(float(np.median(wall)), 2),
+            "cpu_median": round(float(np.median(cpu)), 2),
             "cpu_max": round(float(np.max(cpu)), 2),
-        }  # fmt: skip
+        }
     return {
         "completeness_s50": round(float(s50), 3),
         "completeness_width": round(float(width), 3),
-        "completeness_by_snr": {
-            f"{b:g}-{b + 1:g}": _fraction(found[(snr >= b) & (snr < b + 1)]) for b in bins[:-1]
-        },  # fmt: skip
+        "completeness_by_snr": {f"{b:g}-{b + 1:g}": _fraction(found[(snr >= b) & (snr < b + 1)]) for b in bins[:-1]},
         "injections_used": int(use.sum()),
         "injections_masked_fraction": round(float(1.0 - use.mean()), 4),
         "false_per_static_detector": [r["n_dia"] for r in static],
@@ -230,10 +241,13 @@ def main() -> None:
     injected = [run_detector(args, i, args.injections) for i in range(n_inj)]
     static = [run_detector(args, n_inj + i, 0) for i in range(args.static_detectors)]
     report = {
-        "instrument": args.instrument, "scale": args.scale, "method": args.method,
-        "injection_detectors": n_inj, "static_detectors": args.static_detectors,
+        "instrument": args.instrument,
+        "scale": args.scale,
+        "method": args.method,
+        "injection_detectors": n_inj,
+        "static_detectors": args.static_detectors,
         **summarize(injected, static),
-    }  # fmt: skip
+    }
     print(json.dumps(report, indent=2))
 
 

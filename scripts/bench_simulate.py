@@ -17,12 +17,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from workflow.config import load_config
-from workflow.exposures import make_exposures
-from workflow.instrument import Instrument
-from workflow.skymap import RingsSkyMap
-from workflow.simulate import simulate_raw
-from workflow.templates import make_template
+from workflow.core.config import load_config
+from workflow.core.instrument import Instrument
+from workflow.core.skymap import RingsSkyMap
+from workflow.sim.exposures import make_exposures
+from workflow.sim.simulate import simulate_raw
+from workflow.sim.templates import make_template
 
 _log = logging.getLogger("bench_simulate")
 
@@ -42,8 +42,16 @@ def main() -> None:
 
     config = load_config(instrument="LSSTCam")
     instrument, t_instrument = _timed(Instrument.from_config, config)
-    exposures = make_exposures(instrument, start="2026-03-01T03:00:00", seq_num=1, ra=53.1, dec=-28.1,
-                               rotation_deg=10.0, physical_filter="r_57", n_snaps=2)
+    exposures = make_exposures(
+        instrument,
+        start="2026-03-01T03:00:00",
+        seq_num=1,
+        ra=53.1,
+        dec=-28.1,
+        rotation_deg=10.0,
+        physical_filter="r_57",
+        n_snaps=2,
+    )
     raw, t_cold = _timed(simulate_raw, instrument, args.detector, exposures[0], seed=1)
     raw2, t_warm = _timed(simulate_raw, instrument, args.detector, exposures[1], seed=1)
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,25 +66,30 @@ def main() -> None:
     template, t_template_cold = _timed(make_template, skymap, patch, "r", seed=1)
     _, t_template_warm = _timed(make_template, skymap, patch, "g", seed=1)
 
-    print(json.dumps({
-        "instrument": instrument.name,
-        "detector": instrument.detector(args.detector).name,
-        "raw_shape_per_amp": list(instrument.geometry.raw_amp_shape),
-        "n_amps": len(instrument.geometry.amplifiers),
-        "stars_drawn": len(raw.stars),
-        "galaxies_drawn": len(raw.galaxies),
-        "injected": len(raw.truth),
-        "instrument_from_config_s": t_instrument,
-        "simulate_raw_cold_s": t_cold,
-        "simulate_raw_warm_s": t_warm,
-        "write_fits_s": t_write,
-        "write_fits_rice_s": t_write_fz,
-        "fits_bytes": sizes[".fits"],
-        "fits_rice_bytes": sizes[".fz"],
-        "template_patch_shape": list(template.image.shape),
-        "template_patch_cold_s": t_template_cold,
-        "template_patch_warm_s": t_template_warm,
-    }, indent=1))
+    print(
+        json.dumps(
+            {
+                "instrument": instrument.name,
+                "detector": instrument.detector(args.detector).name,
+                "raw_shape_per_amp": list(instrument.geometry.raw_amp_shape),
+                "n_amps": len(instrument.geometry.amplifiers),
+                "stars_drawn": len(raw.stars),
+                "galaxies_drawn": len(raw.galaxies),
+                "injected": len(raw.truth),
+                "instrument_from_config_s": t_instrument,
+                "simulate_raw_cold_s": t_cold,
+                "simulate_raw_warm_s": t_warm,
+                "write_fits_s": t_write,
+                "write_fits_rice_s": t_write_fz,
+                "fits_bytes": sizes[".fits"],
+                "fits_rice_bytes": sizes[".fz"],
+                "template_patch_shape": list(template.image.shape),
+                "template_patch_cold_s": t_template_cold,
+                "template_patch_warm_s": t_template_warm,
+            },
+            indent=1,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -24,28 +24,34 @@ from pathlib import Path
 
 import yaml
 
-from workflow.buckets import open_bucket
-from workflow.config import instrument_config_path, load_config
-from workflow.demo_repo import build_demo_repo
-from workflow.exposures import exposure_from_visit
-from workflow.metrics import read_benchmarks
-from workflow.prep import instrument_for_run
-from workflow.raw_keys import RawKeyLayout, sidecar_key
-from workflow.replay import write_visit_files
-from workflow.simulate import simulate_raw
-from workflow.snakemake_runner import run_snakemake
-from workflow.summary import collect_outcomes
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.core.buckets import open_bucket
+from workflow.core.config import instrument_config_path, load_config
+from workflow.core.instrument import instrument_for_run
+from workflow.core.raw_keys import RawKeyLayout, sidecar_key
+from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.outcomes.metrics import read_benchmarks
+from workflow.outcomes.summary import collect_outcomes
+from workflow.runtime.replay import write_visit_files
+from workflow.runtime.snakemake_runner import run_snakemake
+from workflow.sim.demo_repo import build_demo_repo
+from workflow.sim.exposures import exposure_from_visit
+from workflow.sim.simulate import simulate_raw
 
 INSTRUMENT = "LSSTCam"
 
 
 def _site(run_dir: Path, scale: float) -> Path:
-    site = {"central_repo": str(run_dir / "repo"), "simulation": {"scale": scale, "seed": 0},
-            "storage": {"endpoint_url": None, "local_root": str(run_dir / "buckets")},
-            "paths": {"results": "results", "work": "work_area", "visits": "visits", "cache": str(run_dir / "cache")},
-            "apdb": {"db_url": f"sqlite:///{run_dir}/apdb.sqlite3", "association_radius_arcsec": 1.0,
-                     "preload_padding_arcsec": 50.0}}
+    site = {
+        "central_repo": str(run_dir / "repo"),
+        "simulation": {"scale": scale, "seed": 0},
+        "storage": {"endpoint_url": None, "local_root": str(run_dir / "buckets")},
+        "paths": {"results": "results", "work": "work_area", "visits": "visits", "cache": str(run_dir / "cache")},
+        "apdb": {
+            "db_url": f"sqlite:///{run_dir}/apdb.sqlite3",
+            "association_radius_arcsec": 1.0,
+            "preload_padding_arcsec": 50.0,
+        },
+    }
     path = run_dir / "site.yaml"
     path.write_text(yaml.safe_dump(site))
     return path
@@ -53,10 +59,24 @@ def _site(run_dir: Path, scale: float) -> Path:
 
 def _visit(group: str, physical_filter: str) -> NextVisit:
     stamp = time.time() + 37.0
-    return NextVisit(salIndex=1, scriptSalIndex=1, instrument=INSTRUMENT, groupId=group,
-                     coordinateSystem=CoordSys.ICRS, position=[150.1, 2.2], startTime=stamp,
-                     rotationSystem=RotSys.SKY, cameraAngle=0.0, filters=physical_filter, dome=Dome.OPEN,
-                     duration=0.0, nimages=1, survey="bench", totalCheckpoints=0, private_sndStamp=stamp)
+    return NextVisit(
+        salIndex=1,
+        scriptSalIndex=1,
+        instrument=INSTRUMENT,
+        groupId=group,
+        coordinateSystem=CoordSys.ICRS,
+        position=[150.1, 2.2],
+        startTime=stamp,
+        rotationSystem=RotSys.SKY,
+        cameraAngle=0.0,
+        filters=physical_filter,
+        dome=Dome.OPEN,
+        duration=0.0,
+        nimages=1,
+        survey="bench",
+        totalCheckpoints=0,
+        private_sndStamp=stamp,
+    )
 
 
 def _upload_raws(config: dict, visit: NextVisit, detectors: list[int]) -> None:
@@ -67,9 +87,17 @@ def _upload_raws(config: dict, visit: NextVisit, detectors: list[int]) -> None:
     for det_id in detectors:
         det = instrument.detector(det_id)
         raw = simulate_raw(instrument, det_id, exposure, seed=0)
-        key = layout.format(instrument=INSTRUMENT, day_obs=str(exposure.day_obs), obs_id=exposure.obs_id,
-                            detector=det.id, detector_name=det.name, group=exposure.group_id, snap=0,
-                            exposure=exposure.exposure_id, physical_filter=exposure.physical_filter)
+        key = layout.format(
+            instrument=INSTRUMENT,
+            day_obs=str(exposure.day_obs),
+            obs_id=exposure.obs_id,
+            detector=det.id,
+            detector_name=det.name,
+            group=exposure.group_id,
+            snap=0,
+            exposure=exposure.exposure_id,
+            physical_filter=exposure.physical_filter,
+        )
         with tempfile.NamedTemporaryFile(suffix=".fits") as tmp:
             raw.write(tmp.name)
             bucket.put(key, Path(tmp.name).read_bytes())
@@ -81,19 +109,31 @@ def _measure(config: dict, files: list[Path], run_dir: Path, count: int, index: 
     visit = _visit(f"2026-11-28T02:00:00.{index:03d}", config["filters"][2]["physical_filter"])
     _upload_raws(config, visit, detectors)
     targets = write_visit_files(config, visit, detectors)
-    run = run_snakemake([str(t.done_file) for t in targets], configfiles=[instrument_config_path(INSTRUMENT), *files],
-                        directory=run_dir, log_file=run_dir / f"snakemake-{count}.log")
-    records = [r for r in collect_outcomes(run_dir / "results", INSTRUMENT) if r.get("group") == visit.groupId]
-    in_steps = sum(sum(v for v in r.get("stage_seconds", {}).values() if v) for r in records)
-    in_jobs = sum(row.wall_s for row in read_benchmarks(run_dir / "benchmarks", instrument=INSTRUMENT)
-                  if row.group == visit.groupId)
+    run = run_snakemake(
+        [str(t.done_file) for t in targets],
+        configfiles=[instrument_config_path(INSTRUMENT), *files],
+        directory=run_dir,
+        log_file=run_dir / f"snakemake-{count}.log",
+    )
+    records = [r for r in collect_outcomes(run_dir / "results", INSTRUMENT) if r.group == visit.groupId]
+    in_steps = sum(sum(v for v in r.stage_seconds.values() if v) for r in records)
+    in_jobs = sum(
+        row.wall_s
+        for row in read_benchmarks(run_dir / "benchmarks", instrument=INSTRUMENT)
+        if row.group == visit.groupId
+    )
     cores = 2
-    return {"targets": count, "returncode": run.returncode, "wall_s": round(run.seconds, 2),
-            "in_stage_s": round(in_steps, 2), "outcomes": sorted({r["outcome"] for r in records}),
-            "overhead_per_target_s": round((run.seconds * cores - in_steps) / count, 2),
-            # where it goes: job start-up around each stage, and cores idle between jobs
-            "job_startup_per_target_s": round((in_jobs - in_steps) / count, 2),
-            "idle_core_s_per_target": round((run.seconds * cores - in_jobs) / count, 2)}
+    return {
+        "targets": count,
+        "returncode": run.returncode,
+        "wall_s": round(run.seconds, 2),
+        "in_stage_s": round(in_steps, 2),
+        "outcomes": sorted({r.outcome for r in records}),
+        "overhead_per_target_s": round((run.seconds * cores - in_steps) / count, 2),
+        # where it goes: job start-up around each stage, and cores idle between jobs
+        "job_startup_per_target_s": round((in_jobs - in_steps) / count, 2),
+        "idle_core_s_per_target": round((run.seconds * cores - in_jobs) / count, 2),
+    }
 
 
 def main() -> None:
@@ -108,10 +148,13 @@ def main() -> None:
     files = [_site(run_dir, args.scale)]
     config = load_config(instrument=INSTRUMENT, extra_files=files)
     started = time.monotonic()
-    build_demo_repo(config["central_repo"], [INSTRUMENT], n_visits=1, scale=args.scale, n_detectors=1,
-                    progress=False)
-    report = {"instrument": INSTRUMENT, "scale": args.scale, "repo_build_s": round(time.monotonic() - started, 1),
-              "runs": [_measure(config, files, run_dir, n, i) for i, n in enumerate(args.counts)]}
+    build_demo_repo(config["central_repo"], [INSTRUMENT], n_visits=1, scale=args.scale, n_detectors=1, progress=False)
+    report = {
+        "instrument": INSTRUMENT,
+        "scale": args.scale,
+        "repo_build_s": round(time.monotonic() - started, 1),
+        "runs": [_measure(config, files, run_dir, n, i) for i, n in enumerate(args.counts)],
+    }
     print(json.dumps(report, indent=2))
     if args.dir is None:
         shutil.rmtree(run_dir, ignore_errors=True)

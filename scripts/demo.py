@@ -14,11 +14,11 @@ import logging
 import sys
 import time
 
-from workflow.demo_repo import build_demo_repo
-from workflow.config import PROJECT_ROOT, instrument_config_path, load_config
-from workflow.log_setup import configure_logging
-from workflow.replay import replay
-from workflow.summary import collect_outcomes, format_summary, summarize
+from workflow.core.config import PROJECT_ROOT, instrument_config_path, load_config
+from workflow.core.log_setup import configure_logging
+from workflow.outcomes.summary import collect_outcomes, format_summary, summarize
+from workflow.runtime.replay import replay
+from workflow.sim.demo_repo import build_demo_repo
 
 _log = logging.getLogger("demo")
 DEMO_CONFIG = PROJECT_ROOT / "config" / "demo.yaml"
@@ -33,14 +33,29 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(instrument_file, extra_files=[DEMO_CONFIG])
     configure_logging(config["log_levels"], stream=sys.stderr)
     started = time.monotonic()
-    report = build_demo_repo(config["central_repo"], [args.instrument], n_visits=args.visits,
-                             scale=config["simulation"]["scale"], seed=config["simulation"]["seed"])
+    report = build_demo_repo(
+        config["central_repo"],
+        [args.instrument],
+        n_visits=args.visits,
+        scale=config["simulation"]["scale"],
+        seed=config["simulation"]["seed"],
+    )
     _log.info("central repo %s ready in %.1f s: %s", config["central_repo"], report["seconds"], report["datasets"])
-    batches = replay(config, instrument_file=instrument_file, order="exposure", limit=args.visits,
-                     extra_configfiles=[DEMO_CONFIG], progress=True)
+    batches = replay(
+        config,
+        instrument_file=instrument_file,
+        order="exposure",
+        limit=args.visits,
+        extra_configfiles=[DEMO_CONFIG],
+        progress=True,
+    )
     summary = summarize(collect_outcomes(config["paths"]["results"], args.instrument))
-    _log.info("replayed %d visit(s) in %.1f s\n%s", sum(len(b["groups"]) for b in batches),
-              time.monotonic() - started, format_summary(summary))
+    _log.info(
+        "replayed %d visit(s) in %.1f s\n%s",
+        sum(len(b["groups"]) for b in batches),
+        time.monotonic() - started,
+        format_summary(summary),
+    )
     return 0 if summary["outcomes"].get("failed", 0) == 0 and summary["targets"] else 1
 
 

@@ -24,8 +24,8 @@ import time
 import uuid
 from pathlib import Path
 
-from stream_shim.live_stack import LiveStack, ensure_central_repo
-from workflow.config import PROJECT_ROOT
+from stream_shim.testbed.live_stack import LiveStack, ensure_central_repo
+from workflow.core.config import PROJECT_ROOT
 
 INSTRUMENT = "LSSTComCamSim"
 
@@ -46,23 +46,34 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def _count_alerts(bootstrap: str, topic: str, stop: threading.Event, counts: collections.Counter) -> None:
     from confluent_kafka import Consumer
 
-    from workflow.alerts import deserialize_alert
+    from workflow.apdb.alerts import deserialize_alert
 
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"live-demo-alerts-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"live-demo-alerts-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 2000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
     consumer.subscribe([topic])
     try:
         while not stop.is_set():
             message = consumer.poll(0.5)
             if message is None or message.error() is not None:
                 continue
-            source = deserialize_alert(message.value())["diaSource"]
+            payload = message.value()
+            assert payload is not None  # alerts are never tombstones
+            source = deserialize_alert(payload)["diaSource"]
             key = (source["visit"], source["detector"])
             counts[key] += 1
             if counts[key] == 1:
-                print(f"  alerts arriving: visit {key[0]} detector {key[1]} (total so far {sum(counts.values())})",
-                      flush=True)
+                print(
+                    f"  alerts arriving: visit {key[0]} detector {key[1]} (total so far {sum(counts.values())})",
+                    flush=True,
+                )
     finally:
         consumer.close()
 
@@ -72,24 +83,50 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     workdir = Path(args.workdir).resolve()
     repo = Path(args.repo).resolve() if args.repo else workdir / "central_repo"
-    print(f"central repo {repo}: " + ("built" if ensure_central_repo(repo, INSTRUMENT, args.scale) else
-                                      f"existing (it must have been built at scale {args.scale})"), flush=True)
+    print(
+        f"central repo {repo}: "
+        + (
+            "built"
+            if ensure_central_repo(repo, INSTRUMENT, args.scale)
+            else f"existing (it must have been built at scale {args.scale})"
+        ),
+        flush=True,
+    )
     late = args.late_detector if args.late_detector is not None else ["4"]
-    stack = LiveStack(workdir, repo=repo, instrument=INSTRUMENT, scale=args.scale, design=args.design,
-                      overrides={"raw": {"image_timeout_s": 20.0}}, shim_args=["--grace-s", "30"])
+    stack = LiveStack(
+        workdir,
+        repo=repo,
+        instrument=INSTRUMENT,
+        scale=args.scale,
+        design=args.design,
+        overrides={"raw": {"image_timeout_s": 20.0}},
+        shim_args=["--grace-s", "30"],
+    )
     with stack:
+        assert stack.broker is not None and stack.s3 is not None  # started by LiveStack.__enter__
         topic = stack.config["kafka_topics"]["alerts"]
-        print(f"Kafka {stack.broker.bootstrap}, S3 {stack.s3.endpoint_url}; shim running (design {args.design}), "
-              f"status {stack.state_dir / 'status.json'}, log {workdir / 'shim.log'}", flush=True)
-        stop, counts = threading.Event(), collections.Counter()
-        counter = threading.Thread(target=_count_alerts, args=(stack.broker.bootstrap, topic, stop, counts),
-                                   daemon=True)
+        print(
+            f"Kafka {stack.broker.bootstrap}, S3 {stack.s3.endpoint_url}; shim running (design {args.design}), "
+            f"status {stack.state_dir / 'status.json'}, log {workdir / 'shim.log'}",
+            flush=True,
+        )
+        stop = threading.Event()
+        counts: collections.Counter[tuple[int, int]] = collections.Counter()  # (visit, detector) -> alerts
+        counter = threading.Thread(
+            target=_count_alerts, args=(stack.broker.bootstrap, topic, stop, counts), daemon=True
+        )
         counter.start()
         started = time.monotonic()
         print(f"camera: {args.groups} group(s), late detector(s) {late}, skipped {args.skip_detector}", flush=True)
-        upload = stack.upload(args.groups, "--slew-s", "2", "--exptime", "5",
-                              *[f"--late-detector={d}" for d in late],
-                              *[f"--skip-detector={d}" for d in args.skip_detector])
+        upload = stack.upload(
+            args.groups,
+            "--slew-s",
+            "2",
+            "--exptime",
+            "5",
+            *[f"--late-detector={d}" for d in late],
+            *[f"--skip-detector={d}" for d in args.skip_detector],
+        )
         print(upload.stdout.rstrip(), flush=True)
         ended = stack.wait_targets(args.groups * 9, args.timeout_s)
         time.sleep(3.0)  # the last alerts

@@ -1,9 +1,10 @@
 """Build (or complete) the demo central Butler repository.
 
     python scripts/make_central_repo.py --instruments LSSTComCamSim HSC --repo demo/central_repo \
-        [--registry-url postgresql+psycopg2://...] [--s3-root s3://bucket/repo] [--visits N] [--scale 0.125] [--detectors 9] [--bench]
+        [--registry-url postgresql+psycopg2://...] [--s3-root s3://bucket/repo] [--visits N]
+        [--scale 0.125] [--detectors 9] [--bench]
 
-A thin adapter over `workflow.demo_repo.build_demo_repo`.  With
+A thin adapter over `workflow.sim.demo_repo.build_demo_repo`.  With
 ``--s3-root`` the endpoint and credentials come from ``S3_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID`` and ``AWS_SECRET_ACCESS_KEY``.  ``--bench`` prints the
 build report (seconds per stage, datasets added, counts) as JSON on stdout.
@@ -17,8 +18,8 @@ import json
 import logging
 import sys
 
-from workflow.demo_repo import build_demo_repo
-from workflow.config import PROJECT_ROOT, load_config
+from workflow.core.config import PROJECT_ROOT, load_config
+from workflow.sim.demo_repo import build_demo_repo
 
 _log = logging.getLogger("make_central_repo")
 
@@ -31,11 +32,19 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--registry-namespace", default=None, help="PostgreSQL schema of the registry")
     parser.add_argument("--s3-root", default=None, help="s3://bucket/prefix datastore (default: files in --repo)")
     parser.add_argument("--visits", type=int, default=3, help="past visits per instrument (default 3)")
-    parser.add_argument("--scale", type=float, default=None,
-                        help="detector shrink factor, e.g. 0.125 (default: simulation.scale of the config; "
-                             "processing must use the same value)")
-    parser.add_argument("--detectors", type=int, default=9,
-                        help="detectors nearest the boresight with raws and templates (0: all; default 9)")
+    parser.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help="detector shrink factor, e.g. 0.125 (default: simulation.scale of the config; "
+        "processing must use the same value)",
+    )
+    parser.add_argument(
+        "--detectors",
+        type=int,
+        default=9,
+        help="detectors nearest the boresight with raws and templates (0: all; default 9)",
+    )
     parser.add_argument("--seed", type=int, default=None, help="universe seed (default: simulation.seed)")
     parser.add_argument("--bench", action="store_true", help="print the build report as JSON on stdout")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -46,14 +55,22 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; return the exit status."""
     args = _parse(argv)
-    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         repo = args.repo or str(PROJECT_ROOT / load_config()["central_repo"])
         report = build_demo_repo(
-            repo, args.instruments, registry_url=args.registry_url, s3_root=args.s3_root,
-            registry_namespace=args.registry_namespace, n_visits=args.visits, scale=args.scale,
-            n_detectors=args.detectors, seed=args.seed, progress=not args.no_progress,
+            repo,
+            args.instruments,
+            registry_url=args.registry_url,
+            s3_root=args.s3_root,
+            registry_namespace=args.registry_namespace,
+            n_visits=args.visits,
+            scale=args.scale,
+            n_detectors=args.detectors,
+            seed=args.seed,
+            progress=not args.no_progress,
         )
     except Exception as exc:  # noqa: BLE001 - the CLI reports any failure as one line.
         if args.debug:

@@ -5,7 +5,7 @@ Usage (from the run directory, e.g. the checkout after `make demo`):
     python scripts/make_report.py [--results results] [--out-dir build/report]
         [--instrument X] [--day-obs YYYY-MM-DD] [--cutouts 6] [--html report.html]
 
-Writes the files of `workflow.report.build_report` into --out-dir; with --html also
+Writes the files of `workflow.outcomes.report.build_report` into --out-dir; with --html also
 runs `snakemake --snakefile report/Snakefile --report <html>` to pack them into one
 self-contained page (what `make report` does in two steps).
 """
@@ -18,9 +18,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from workflow.config import PROJECT_ROOT
-from workflow.log_setup import configure_logging
-from workflow.report import build_report
+from workflow.core.config import PROJECT_ROOT
+from workflow.core.log_setup import configure_logging
+from workflow.outcomes.report import build_report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,15 +36,33 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--html", default=None, help="also write the Snakemake HTML report here")
     args = parser.parse_args(argv)
     configure_logging("workflow=INFO", stream=sys.stderr)
-    written = build_report(args.results, args.out_dir, benchmarks_root=args.benchmarks, work_root=args.work_area,
-                           instrument=args.instrument, day_obs=args.day_obs, n_cutouts=args.cutouts,
-                           rulegraph=not args.no_rulegraph)  # fmt: skip
-    logging.getLogger("make_report").info("nights %s; %d cutout(s); files in %s", written["nights"],
-                                          len(written["cutouts"]), args.out_dir)  # fmt: skip
+    written = build_report(
+        args.results,
+        args.out_dir,
+        benchmarks_root=args.benchmarks,
+        work_root=args.work_area,
+        instrument=args.instrument,
+        day_obs=args.day_obs,
+        n_cutouts=args.cutouts,
+        rulegraph=not args.no_rulegraph,
+    )
+    logging.getLogger("make_report").info(
+        "nights %s; %d cutout(s); files in %s", written["nights"], len(written["cutouts"]), args.out_dir
+    )
     if args.html:
-        command = [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "report" / "Snakefile"),
-                   "--directory", str(Path.cwd()), "--config", f"report_dir={args.out_dir}",
-                   "--report", args.html]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "snakemake",
+            "--snakefile",
+            str(PROJECT_ROOT / "report" / "Snakefile"),
+            "--directory",
+            str(Path.cwd()),
+            "--config",
+            f"report_dir={args.out_dir}",
+            "--report",
+            args.html,
+        ]
         return subprocess.run(command).returncode
     return 0
 

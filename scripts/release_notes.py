@@ -19,9 +19,9 @@ import sys
 
 import yaml
 
-from workflow.config import PROJECT_ROOT, instrument_config_path, load_config
-from workflow.exceptions import PromptSnakeError
-from workflow.versions import check_startup, release_facts
+from workflow.core.config import PROJECT_ROOT, instrument_config_path, load_config
+from workflow.core.exceptions import PromptSnakeError
+from workflow.runtime.versions import check_startup, release_facts
 
 
 def _profile_image() -> str:
@@ -62,8 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.check:
         try:
-            config = load_config(args.config_file or instrument_config_path(args.instrument or "LSSTComCamSim"),
-                                 extra_files=args.extra_config)  # fmt: skip
+            config = load_config(
+                args.config_file or instrument_config_path(args.instrument or "LSSTComCamSim"),
+                extra_files=args.extra_config,
+            )
             found = check_startup(config, base_dir=args.base_dir)
         except PromptSnakeError as exc:
             print(f"release_notes: {type(exc).__name__}: {exc}", file=sys.stderr)

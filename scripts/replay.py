@@ -10,11 +10,11 @@ import argparse
 import logging
 import sys
 
-from workflow.config import instrument_config_path, load_config
-from workflow.exceptions import PromptSnakeError
-from workflow.log_setup import configure_logging
-from workflow.replay import replay
-from workflow.summary import collect_outcomes, format_summary, summarize
+from workflow.core.config import instrument_config_path, load_config
+from workflow.core.exceptions import PromptSnakeError
+from workflow.core.log_setup import configure_logging
+from workflow.outcomes.summary import collect_outcomes, format_summary, summarize
+from workflow.runtime.replay import replay
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,9 +32,17 @@ def main(argv: list[str] | None = None) -> int:
         instrument_file = args.config_file or instrument_config_path(args.instrument or "LSSTComCamSim")
         config = load_config(instrument_file, extra_files=args.extra_config)
         configure_logging(config["log_levels"], stream=sys.stderr)
-        batches = replay(config, instrument_file=instrument_file, order="exposure" if args.ordered else "random",
-                         limit=args.limit, batch_visits=args.batch_visits, seed=args.seed,
-                         extra_configfiles=args.extra_config, profile=args.profile, progress=True)
+        batches = replay(
+            config,
+            instrument_file=instrument_file,
+            order="exposure" if args.ordered else "random",
+            limit=args.limit,
+            batch_visits=args.batch_visits,
+            seed=args.seed,
+            extra_configfiles=args.extra_config,
+            profile=args.profile,
+            progress=True,
+        )
     except PromptSnakeError as exc:
         print(f"replay: {exc}", file=sys.stderr)
         return 2

@@ -4,11 +4,11 @@
         [--exposure-s S] [--scale 1.0] [--ra RA --dec DEC --filter F] [--detectors ID ...]
         [--skip-detector ID ...] [--late-detector ID ...] [--workers N]
 
-A thin adapter over `workflow.testers.upload_simulated`.  The broker, topic, bucket
+A thin adapter over `workflow.sim.testers.upload_simulated`.  The broker, topic, bucket
 and S3 endpoint come from the instrument's config plus any ``--config-file``; S3
 credentials from ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``.  Prints one line
 per group (group id, objects, seconds).  Errors are one line on stderr; the exit
-status says what kind (`workflow.testers.exit_status`: 78 config, 75 retry later, ...).
+status says what kind (`workflow.sim.testers.exit_status`: 78 config, 75 retry later, ...).
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workflow.config import load_config
-from workflow.testers import GroupReport, UploadOptions, add_upload_arguments, run_upload_cli, upload_simulated
+from workflow.core.config import load_config
+from workflow.sim.testers import GroupReport, UploadOptions, add_upload_arguments, run_upload_cli, upload_simulated
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -43,9 +43,18 @@ def main(argv: list[str] | None = None) -> int:
     def upload(options: UploadOptions) -> list[GroupReport]:
         config = load_config(instrument=args.instrument, extra_files=args.config_file)
         return upload_simulated(
-            config, args.n_groups, options=options, scale=args.scale, ra=args.ra, dec=args.dec,
-            rotation_deg=args.rotation, physical_filter=args.filter, exptime=args.exptime,
-            detectors=args.detectors, seed=args.seed)
+            config,
+            args.n_groups,
+            options=options,
+            scale=args.scale,
+            ra=args.ra,
+            dec=args.dec,
+            rotation_deg=args.rotation,
+            physical_filter=args.filter,
+            exptime=args.exptime,
+            detectors=args.detectors,
+            seed=args.seed,
+        )
 
     return run_upload_cli("upload", args, upload)
 

@@ -3,11 +3,11 @@
     python scripts/upload_from_repo.py CONFIG N_GROUPS [--ordered] [--seed N] [--config-file extra.yaml]
         [--avro] [--slew-s 2] [--exposure-s S] [--workers N]
 
-A thin adapter over `workflow.testers_replay.upload_from_repo`.  CONFIG is a YAML file
+A thin adapter over `workflow.sim.testers_replay.upload_from_repo`.  CONFIG is a YAML file
 naming the instrument, the central repo and a Butler query for raws; see
 ``config/testers/upload_from_repo.example.yaml``.  Groups are chosen at random
 (seeded) unless ``--ordered``.  Prints one line per group; errors are one line on
-stderr and the exit status says what kind (`workflow.testers.exit_status`).
+stderr and the exit status says what kind (`workflow.sim.testers.exit_status`).
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from workflow.testers import GroupReport, UploadOptions, add_upload_arguments, run_upload_cli
-from workflow.testers_replay import load_repo_query, upload_from_repo
+from workflow.sim.testers import GroupReport, UploadOptions, add_upload_arguments, run_upload_cli
+from workflow.sim.testers_replay import load_repo_query, upload_from_repo
 
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> int:
         query = load_repo_query(args.config)
         if args.seed is not None:
             query["seed"] = args.seed
-        return upload_from_repo(query, args.n_groups, ordered=args.ordered, options=options,
-                                extra_config_files=args.config_file)
+        return upload_from_repo(
+            query, args.n_groups, ordered=args.ordered, options=options, extra_config_files=args.config_file
+        )
 
     return run_upload_cli("upload_from_repo", args, upload)
 

@@ -24,12 +24,11 @@ import sys
 import threading
 from pathlib import Path
 
-from workflow.config import load_config
-from workflow.exceptions import ConfigError
-from workflow.log_setup import configure_logging
-
-from .health import HealthCheckError
-from .service import DESIGNS, ShimAlreadyRunningError, ShimOptions, StreamShim
+from stream_shim.health import HealthCheckError
+from stream_shim.service import DESIGNS, ShimAlreadyRunningError, ShimOptions, StreamShim
+from workflow.core.config import load_config
+from workflow.core.exceptions import ConfigError
+from workflow.core.log_setup import configure_logging
 
 _log = logging.getLogger("stream_shim")
 
@@ -38,27 +37,45 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stream_shim", description=__doc__.split("\n\n")[0])
     parser.add_argument("--instrument", required=True, help="instrument served, e.g. LSSTComCamSim")
     parser.add_argument("--profile", default="profiles/local", help="Snakemake profile (default profiles/local)")
-    parser.add_argument("--config-file", action="append", default=[], metavar="FILE",
-                        help="extra config file merged over the instrument's (repeatable)")
+    parser.add_argument(
+        "--config-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="extra config file merged over the instrument's (repeatable)",
+    )
     parser.add_argument("--workdir", default=".", help="run directory (default: the current directory)")
     parser.add_argument("--state-dir", default=None, help="journal, status, logs (default: WORKDIR/shim)")
-    parser.add_argument("--design", choices=DESIGNS, default="streaming",
-                        help="one long-lived Snakemake fed targets (default) or one Snakemake per visit")
-    parser.add_argument("--filer-topic", default=None,
-                        help="bridge SeaweedFS filer events from this topic into S3 notifications")
+    parser.add_argument(
+        "--design",
+        choices=DESIGNS,
+        default="streaming",
+        help="one long-lived Snakemake fed targets (default) or one Snakemake per visit",
+    )
+    parser.add_argument(
+        "--filer-topic", default=None, help="bridge SeaweedFS filer events from this topic into S3 notifications"
+    )
     parser.add_argument("--status-port", type=int, default=None, help="serve /status, /metrics, /healthz")
-    parser.add_argument("--max-concurrent-targets", type=int, default=None,
-                        help="override submission.max_concurrent_targets")
+    parser.add_argument(
+        "--max-concurrent-targets", type=int, default=None, help="override submission.max_concurrent_targets"
+    )
     parser.add_argument("--grace-s", type=float, default=60.0, help="shutdown: time for running targets")
     parser.add_argument("--term-wait-s", type=float, default=10.0, help="shutdown: SIGTERM to SIGKILL wait")
     parser.add_argument("--no-health-check", action="store_true", help="skip the start-up health checks")
     parser.add_argument("--snakefile", default=None, help="Snakefile (default: the checkout's)")
-    parser.add_argument("--storage-prefix", default=None,
-                        help="k8s: override the profile's default-storage-prefix (s3://bucket/prefix)")
-    parser.add_argument("--storage-endpoint-url", default=None,
-                        help="k8s: override the profile's storage-s3-endpoint-url")
-    parser.add_argument("--snakemake-arg", action="append", default=[], metavar="ARG",
-                        help="pass this flag on to Snakemake (repeatable; write --snakemake-arg=--x=1)")
+    parser.add_argument(
+        "--storage-prefix", default=None, help="k8s: override the profile's default-storage-prefix (s3://bucket/prefix)"
+    )
+    parser.add_argument(
+        "--storage-endpoint-url", default=None, help="k8s: override the profile's storage-s3-endpoint-url"
+    )
+    parser.add_argument(
+        "--snakemake-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="pass this flag on to Snakemake (repeatable; write --snakemake-arg=--x=1)",
+    )
     return parser.parse_args(argv)
 
 
@@ -76,13 +93,23 @@ def main(argv: list[str] | None = None) -> int:
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)  # the config's relative paths (repo, buckets, APDB) are relative to the run directory
     options = ShimOptions(
-        instrument=args.instrument, workdir=workdir, profile=args.profile, config_files=extra,
-        state_dir=Path(args.state_dir).resolve() if args.state_dir else None, design=args.design,
-        filer_topic=args.filer_topic, status_port=args.status_port, grace_s=args.grace_s,
-        term_wait_s=args.term_wait_s, health_check=not args.no_health_check,
+        instrument=args.instrument,
+        workdir=workdir,
+        profile=args.profile,
+        config_files=extra,
+        state_dir=Path(args.state_dir).resolve() if args.state_dir else None,
+        design=args.design,
+        filer_topic=args.filer_topic,
+        status_port=args.status_port,
+        grace_s=args.grace_s,
+        term_wait_s=args.term_wait_s,
+        health_check=not args.no_health_check,
         max_concurrent_targets=args.max_concurrent_targets,
-        snakefile=Path(args.snakefile).resolve() if args.snakefile else None, storage_prefix=args.storage_prefix,
-        storage_endpoint_url=args.storage_endpoint_url, snakemake_args=tuple(args.snakemake_arg))
+        snakefile=Path(args.snakefile).resolve() if args.snakefile else None,
+        storage_prefix=args.storage_prefix,
+        storage_endpoint_url=args.storage_endpoint_url,
+        snakemake_args=tuple(args.snakemake_arg),
+    )
     stop = threading.Event()
 
     def request_stop(signum: int, _frame: object) -> None:

@@ -15,6 +15,14 @@ Both hand every child to `stream_shim.process_group` (own process group, dies
 with the shim, recorded for cleanup, stopped with SIGTERM then SIGKILL after
 bounded waits), and tell the `stream_shim.submission.Submitter` when a run
 ended or a job failed; the submitter reads the outcome files.
+
+One bad target must not stop the streaming process (`stream_shim.quarantine`):
+a target whose path is not a well-formed target is never fed; one that the
+streaming Snakemake's output names as unbuildable when it exits is quarantined
+(``failed.json``, ``UnbuildableTarget``) and never fed again.  Exits in a row
+that name no target are a crash loop (`stream_shim.crash_loop`): counted
+(``backend``/``crash_loop``), ``/healthz`` unhealthy, and the targets without
+an outcome bisected with ``snakemake --dry-run`` to quarantine the culprits.
 """
 
 from __future__ import annotations
@@ -33,12 +41,19 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Protocol
 
-from .process_group import ChildRegistry, group_members, signal_group, spawn, stop_group
+from stream_shim.crash_loop import CrashLoop, find_culprits
+from stream_shim.process_group import ChildRegistry, group_members, signal_group, spawn, stop_group
+from stream_shim.quarantine import INVALID_TARGET, UNBUILDABLE, quarantine, unbuildable_targets
+from stream_shim.status import ShimStatus
+from workflow.core.identifiers import target_key
+from workflow.core.log_fields import shorten
+from workflow.stages.records import FailedRecord
 
 _log = logging.getLogger(__name__)
 
 _DAY_OBS = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NOISE = ("Waiting for queue input...", "Updating jobs with queue input...")
+_TAIL_LINES = 400  # of the streaming process's output, read for unbuildable targets when it exits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +68,8 @@ EndedCallback = Callable[[Sequence[str], str], None]
 """``(targets, reason)``: these targets' run ended; check their outcome files."""
 JobErrorCallback = Callable[[tuple[str, str, str, int]], None]
 """``(instrument, day_obs, group, detector)`` of a job Snakemake reported failed."""
+QuarantineCallback = Callable[[str, FailedRecord], None]
+"""``(target, record)``: this target was quarantined (its ``failed.json`` written)."""
 
 
 class Backend(Protocol):
@@ -87,10 +104,12 @@ class _OutputFilter:
     def __init__(self, log: IO[str], on_job_error: JobErrorCallback) -> None:
         self.log, self.on_job_error = log, on_job_error
         self._in_error = False
+        self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
 
     def feed(self, line: str) -> None:
         if line.strip() in _NOISE:
             return
+        self.tail.append(line)
         self.log.write(line)
         self.log.flush()
         stripped = line.strip()
@@ -127,8 +146,16 @@ class SubprocessPoolBackend:
 
     name = "subprocess"
 
-    def __init__(self, command: Callable[[Sequence[str], int | None], list[str]], *, max_cores: int | None,
-                 env: Mapping[str, str], log_dir: Path, registry: ChildRegistry, workdir: Path) -> None:
+    def __init__(
+        self,
+        command: Callable[[Sequence[str], int | None], list[str]],
+        *,
+        max_cores: int | None,
+        env: Mapping[str, str],
+        log_dir: Path,
+        registry: ChildRegistry,
+        workdir: Path,
+    ) -> None:
         self._command, self.max_cores, self._env = command, max_cores, dict(env)
         self._log_dir, self._registry, self._workdir = Path(log_dir), registry, Path(workdir)
         self._pending: collections.deque[Batch] = collections.deque()
@@ -165,11 +192,22 @@ class SubprocessPoolBackend:
         log_path = self._log_dir / f"snakemake-{self._count:05d}-{safe}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log:
-            proc = spawn(self._command(batch.targets, cores), registry=self._registry, cwd=self._workdir,
-                         env=self._env, stdout=log)
+            proc = spawn(
+                self._command(batch.targets, cores),
+                registry=self._registry,
+                cwd=self._workdir,
+                env=self._env,
+                stdout=log,
+            )
         self._running[proc.pid] = (proc, batch, cores or 0)
-        _log.info("batch %s: %d target(s) started as pid %d with %s core(s); log %s", batch.batch_id,
-                  len(batch.targets), proc.pid, cores or "profile's", log_path)
+        _log.info(
+            "batch %s: %d target(s) started as pid %d with %s core(s); log %s",
+            batch.batch_id,
+            len(batch.targets),
+            proc.pid,
+            cores or "profile's",
+            log_path,
+        )
 
     def _reap(self) -> list[tuple[Batch, str]]:
         """Forget the batches whose process exited; return them (call back outside the lock)."""
@@ -203,6 +241,7 @@ class SubprocessPoolBackend:
             self._wake.wait(0.2)
             self._wake.clear()
         # Draining (in this thread: the children's death signal follows it).
+        assert self._draining is not None  # the loop ends only once drain() set it
         grace_s, term_wait_s = self._draining
         deadline = time.monotonic() + grace_s
         with self._lock:
@@ -212,8 +251,7 @@ class SubprocessPoolBackend:
         if dropped:
             _log.info("drain: %d batch(es) not started; the journal keeps them for the next run", dropped)
         for proc, batch, _ in running:
-            how = stop_group(proc, wait_s=deadline - time.monotonic(), term_wait_s=term_wait_s,
-                             registry=self._registry)
+            how = stop_group(proc, wait_s=deadline - time.monotonic(), term_wait_s=term_wait_s, registry=self._registry)
             _log.info("drain: batch %s snakemake pid %d %s", batch.batch_id, proc.pid, how)
             if how.startswith("exited"):  # stopped ones stay unfinished: the next run resumes them
                 self._on_ended(batch.targets, f"snakemake exit {proc.returncode}")
@@ -245,16 +283,52 @@ class StreamingBackend:
         Working directory of the child.
     unfinished : callable
         Returns the targets without an outcome, fed again to a restarted child.
+    status : `stream_shim.status.ShimStatus`, optional
+        Crash loops are counted here (``backend``/``crash_loop``, quarantined
+        targets as ``backend``/``quarantined``) and raise the ``backend`` health
+        condition: ``unhealthy`` while the loop lasts, ``degraded`` once its
+        culprits are quarantined, cleared when a process has lived ``stable_s``.
+    on_quarantined : callable, optional
+        Called with each target quarantined and its record (the service removes
+        it from the journal).
+    crash_loop_exits : `int`, optional
+        Quick exits in a row (each process lived less than ``stable_s``) that
+        are a crash loop.
+    stable_s : `float`, optional
+        How long a process must live for its exit not to count as quick.
+    probe_timeout_s : `float`, optional
+        Bound on each ``--dry-run`` of the crash-loop search.
     """
 
     name = "streaming"
     _RESTART_DELAY_S = 1.0  # doubled after each quick death (a broken workflow), up to _RESTART_MAX_S
     _RESTART_MAX_S = 60.0
+    CONDITION = "backend"
+    """Name of the health condition raised by a crash loop."""
 
-    def __init__(self, command: list[str], *, env: Mapping[str, str], log_dir: Path, registry: ChildRegistry,
-                 workdir: Path, unfinished: Callable[[], list[str]]) -> None:
+    def __init__(
+        self,
+        command: list[str],
+        *,
+        env: Mapping[str, str],
+        log_dir: Path,
+        registry: ChildRegistry,
+        workdir: Path,
+        unfinished: Callable[[], list[str]],
+        status: ShimStatus | None = None,
+        on_quarantined: QuarantineCallback | None = None,
+        crash_loop_exits: int = 3,
+        stable_s: float = 60.0,
+        probe_timeout_s: float = 600.0,
+    ) -> None:
         self._command, self._env, self._log_dir = command, dict(env), Path(log_dir)
         self._registry, self._workdir, self._unfinished = registry, Path(workdir), unfinished
+        self._status, self._on_quarantined = status, on_quarantined
+        self._loop = CrashLoop(crash_loop_exits, stable_s)
+        self._probe_timeout_s = probe_timeout_s
+        self.quarantined: set[str] = set()
+        """Targets given a ``failed.json`` by this backend: never fed again."""
+        self._fed: set[str] = set()
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
         self._draining: tuple[float, float] | None = None
@@ -277,29 +351,78 @@ class StreamingBackend:
         return int(proc is not None and proc.poll() is None)
 
     def submit(self, batch: Batch) -> None:
-        """Hand the targets to Snakemake (or keep them for the restarted process)."""
+        """Hand the targets to Snakemake (or keep them for the restarted process).
+
+        A target whose path is not a well-formed target (`workflow.core.identifiers.target_key`)
+        is quarantined instead of fed.
+        """
+        targets = self._admit(batch.targets)
+        if not targets:
+            return
         with self._lock:
             proc = self._proc
             if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
                 return  # fed by _spawn from the submitter's unfinished targets
             try:
-                proc.stdin.write("".join(t + "\n" for t in batch.targets))
+                proc.stdin.write("".join(t + "\n" for t in targets))
                 proc.stdin.flush()
+                self._fed.update(targets)
             except (BrokenPipeError, OSError, ValueError) as exc:
-                _log.warning("batch %s: snakemake process not taking targets (%s); it will be restarted",
-                             batch.batch_id, exc)
+                _log.warning(
+                    "batch %s: snakemake process not taking targets (%s); it will be restarted", batch.batch_id, exc
+                )
+
+    def _admit(self, targets: Sequence[str]) -> list[str]:
+        """Return the targets to feed: not quarantined, and well-formed (the others are quarantined)."""
+        admitted = []
+        for target in targets:
+            if target in self.quarantined:
+                continue
+            if target_key(target) is None or "\n" in target:
+                self._quarantine(
+                    [target], INVALID_TARGET, "not a results/{instrument}/{day_obs}/{group}/{detector}/done.json path"
+                )
+                continue
+            admitted.append(target)
+        return admitted
+
+    def _quarantine(self, targets: Sequence[str], error: str, message: str) -> None:
+        """Fail each target alone (``failed.json``), never feed it again, tell the submitter."""
+        for target in targets:
+            self.quarantined.add(target)
+            record = quarantine(self._workdir, target, error=error, message=message)
+            if self._status is not None:
+                self._status.count("backend", "quarantined")
+            if record is not None and self._on_quarantined is not None:
+                try:
+                    self._on_quarantined(target, record)
+                except Exception:  # noqa: BLE001 - the target is quarantined whatever the callback does
+                    _log.exception("quarantine callback failed for target %s", shorten(target))
+            self._on_ended([target], f"quarantined: {error}")
 
     def _spawn(self) -> subprocess.Popen[str]:
         with self._lock:
-            self._proc = spawn(self._command, registry=self._registry, cwd=self._workdir, env=self._env,
-                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            again = self._unfinished()
+            self._fed = set()
+            self._proc = spawn(
+                self._command,
+                registry=self._registry,
+                cwd=self._workdir,
+                env=self._env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            again = [t for t in self._unfinished() if t not in self.quarantined]
             if again:
                 assert self._proc.stdin is not None
                 self._proc.stdin.write("".join(t + "\n" for t in again))
                 self._proc.stdin.flush()
-        _log.info("snakemake streaming process started, pid %d%s", self._proc.pid,
-                  f"; {len(again)} unfinished target(s) fed again" if again else "")
+                self._fed.update(again)
+        _log.info(
+            "snakemake streaming process started, pid %d%s",
+            self._proc.pid,
+            f"; {len(again)} unfinished target(s) fed again" if again else "",
+        )
         return self._proc
 
     def _supervise(self) -> None:
@@ -310,21 +433,115 @@ class StreamingBackend:
                 started = time.monotonic()
                 proc = self._spawn()
                 self._started.set()
+                stable = threading.Timer(self._loop.stable_s, self._lived_long)
+                stable.daemon = True
+                stable.start()
                 assert proc.stdout is not None
                 output = _OutputFilter(log, self._on_job_error)
                 for line in proc.stdout:
                     output.feed(line)
                 proc.wait()
+                stable.cancel()
                 if self._draining is not None:
                     break
                 self.restarts += 1
-                delay = self._RESTART_DELAY_S if time.monotonic() - started > self._RESTART_MAX_S else delay
-                _log.error("snakemake streaming process pid %d exited with %d; restarting it in %.0f s (see %s)",
-                           proc.pid, proc.returncode, delay, log.name)
+                lived = time.monotonic() - started
+                delay = self._RESTART_DELAY_S if lived > self._RESTART_MAX_S else delay
                 self._kill_group(proc)
+                with self._lock:
+                    fed = self._fed | set(self._unfinished())
+                culprits = [t for t in unbuildable_targets(output.tail, fed) if t not in self.quarantined]
+                if culprits:
+                    _log.error(
+                        "snakemake streaming process pid %d exited with %d: no rule builds %d target(s) %s; "
+                        "quarantining them and restarting (see %s)",
+                        proc.pid,
+                        proc.returncode,
+                        len(culprits),
+                        ", ".join(culprits[:5]),
+                        log.name,
+                    )
+                    self._quarantine(culprits, UNBUILDABLE, "Snakemake cannot build this target (no rule produces it)")
+                    self._loop.reset()
+                    delay = self._RESTART_DELAY_S
+                    self._drain_requested.wait(delay)
+                    continue
+                if self._loop.exited(lived) and self._isolate(proc, log):
+                    delay = self._RESTART_DELAY_S
+                _log.error(
+                    "snakemake streaming process pid %d exited with %d; restarting it in %.0f s (see %s)",
+                    proc.pid,
+                    proc.returncode,
+                    delay,
+                    log.name,
+                )
                 self._drain_requested.wait(delay)
                 delay = min(2 * delay, self._RESTART_MAX_S)
         self._started.set()
+
+    def _lived_long(self) -> None:
+        """A process lived ``stable_s``: a crash loop, if any, is over."""
+        self._loop.reset()
+        if self._status is not None:
+            self._status.set_condition(self.CONDITION, None)
+
+    def _isolate(self, proc: subprocess.Popen[str], log: IO[str]) -> bool:
+        """Handle a crash loop: count it, report it, bisect the suspects; return whether culprits were found."""
+        suspects = sorted(t for t in self._unfinished() if t not in self.quarantined)
+        detail = (
+            f"snakemake streaming process exited {self._loop.quick} times in a row (last: pid {proc.pid}, "
+            f"exit {proc.returncode}); searching {len(suspects)} unfinished target(s) for the cause"
+        )
+        _log.error("crash loop: %s", detail)
+        if self._status is not None:
+            self._status.count("backend", "crash_loop")
+            self._status.set_condition(self.CONDITION, "unhealthy", detail)
+        culprits = find_culprits(suspects, lambda targets: self._probe(targets, log))
+        if not culprits:
+            why = "the search was interrupted" if culprits is None else "every target builds: the workflow itself fails"
+            _log.error("crash loop: no culprit target found (%s); restarting with back-off (see %s)", why, log.name)
+            if self._status is not None:
+                self._status.set_condition(self.CONDITION, "unhealthy", f"{detail}: no culprit found ({why})")
+            return False
+        self._quarantine(
+            culprits,
+            UNBUILDABLE,
+            "quarantined after a crash loop of the streaming Snakemake: "
+            "'snakemake --dry-run' of this target fails (see the shim's snakemake-stream.log)",
+        )
+        self._loop.reset()
+        if self._status is not None:
+            self._status.set_condition(
+                self.CONDITION,
+                "degraded",
+                f"crash loop broken: {len(culprits)} target(s) quarantined ({', '.join(culprits[:3])})",
+            )
+        return True
+
+    def _probe(self, targets: Sequence[str], log: IO[str]) -> bool | None:
+        """Return whether ``snakemake --dry-run`` builds the DAG of ``targets`` (`None`: draining, gave up)."""
+        if self._draining is not None:
+            return None
+        log.write(f"--- shim: crash-loop probe, --dry-run of {len(targets)} target(s)\n")
+        log.flush()
+        proc = spawn(
+            [*self._command, "--dry-run", "--", *targets],
+            registry=self._registry,
+            cwd=self._workdir,
+            env=self._env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+        )
+        try:
+            code = proc.wait(timeout=self._probe_timeout_s)
+        except subprocess.TimeoutExpired:
+            stop_group(proc, wait_s=0, term_wait_s=5.0, registry=self._registry)
+            _log.error("crash-loop probe of %d target(s) timed out after %.0f s", len(targets), self._probe_timeout_s)
+            return None
+        stop_group(proc, wait_s=0, registry=self._registry)
+        log.write(f"--- shim: probe exit {code}\n")
+        log.flush()
+        return code == 0
 
     def _kill_group(self, proc: subprocess.Popen[str]) -> None:
         if group_members(proc.pid):

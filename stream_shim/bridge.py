@@ -27,14 +27,18 @@ import time
 from collections.abc import Collection
 from typing import Any
 
-from .filer_events import CREATED, DELETED, RENAMED, UPDATED, decode_filer_event, new_entry_attributes
-from .status import ShimStatus
+from stream_shim.filer_events import CREATED, DELETED, RENAMED, UPDATED, decode_filer_event, new_entry_attributes
+from stream_shim.status import ShimStatus
 
 _log = logging.getLogger(__name__)
 
 CATEGORY = "bridge"
-EVENT_NAMES = {CREATED: "ObjectCreated:Put", UPDATED: "ObjectCreated:Put", RENAMED: "ObjectCreated:Copy",
-               DELETED: "ObjectRemoved:Delete"}
+EVENT_NAMES = {
+    CREATED: "ObjectCreated:Put",
+    UPDATED: "ObjectCreated:Put",
+    RENAMED: "ObjectCreated:Copy",
+    DELETED: "ObjectRemoved:Delete",
+}
 """S3 event name of each filer event kind."""
 
 
@@ -42,8 +46,14 @@ class BridgeDeliveryError(ConnectionError):
     """A notification was not acknowledged by the broker in time."""
 
 
-def s3_event(bucket: str, key: str, *, event_name: str = "ObjectCreated:Put", size: int | None = None,
-             event_time: float | None = None) -> dict[str, Any]:
+def s3_event(
+    bucket: str,
+    key: str,
+    *,
+    event_name: str = "ObjectCreated:Put",
+    size: int | None = None,
+    event_time: float | None = None,
+) -> dict[str, Any]:
     """Return one S3 event notification (a single record) as a `dict`.
 
     Parameters
@@ -57,15 +67,21 @@ def s3_event(bucket: str, key: str, *, event_name: str = "ObjectCreated:Put", si
     event_time : `float`, optional
         Unix time of the change (default: now).
     """
-    when = datetime.datetime.fromtimestamp(time.time() if event_time is None else event_time, datetime.timezone.utc)
+    when = datetime.datetime.fromtimestamp(time.time() if event_time is None else event_time, datetime.UTC)
     obj: dict[str, Any] = {"key": key}
     if size is not None:
         obj["size"] = size
-    return {"Records": [{
-        "eventVersion": "2.2", "eventSource": "ceph:s3", "eventName": event_name,
-        "eventTime": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
-        "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket}, "object": obj},
-    }]}
+    return {
+        "Records": [
+            {
+                "eventVersion": "2.2",
+                "eventSource": "ceph:s3",
+                "eventName": event_name,
+                "eventTime": when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z",
+                "s3": {"s3SchemaVersion": "1.0", "bucket": {"name": bucket}, "object": obj},
+            }
+        ]
+    }
 
 
 class FilerBridge:
@@ -85,15 +101,22 @@ class FilerBridge:
         Bound on each delivery.
     """
 
-    def __init__(self, bootstrap: str, topic: str, buckets: Collection[str], status: ShimStatus, *,
-                 timeout_s: float = 10.0) -> None:
+    def __init__(
+        self, bootstrap: str, topic: str, buckets: Collection[str], status: ShimStatus, *, timeout_s: float = 10.0
+    ) -> None:
         from confluent_kafka import Producer
 
         self.topic, self.buckets, self.status, self.timeout_s = topic, set(buckets), status, timeout_s
-        from .consumer import KafkaLog
+        from stream_shim.consumer import KafkaLog
 
-        self._producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0, "logger": KafkaLog(),
-                                   "message.timeout.ms": int(timeout_s * 1000)})
+        self._producer = Producer(
+            {
+                "bootstrap.servers": bootstrap,
+                "linger.ms": 0,
+                "logger": KafkaLog(),
+                "message.timeout.ms": int(timeout_s * 1000),
+            }
+        )
 
     def __call__(self, message: Any) -> None:
         """Handle one filer event message."""
@@ -122,13 +145,25 @@ class FilerBridge:
             return "other_bucket"
         body = s3_event(event.bucket, event.key, event_name=EVENT_NAMES[event.kind], size=size)
         errors: list[Any] = []
-        self._producer.produce(self.topic, json.dumps(body).encode(), key=event.key.encode(),
-                               on_delivery=lambda err, _msg: errors.append(err))
+        self._producer.produce(
+            self.topic,
+            json.dumps(body).encode(),
+            key=event.key.encode(),
+            on_delivery=lambda err, _msg: errors.append(err),
+        )
         self._producer.flush(self.timeout_s)
         if not errors or errors[0] is not None:
-            raise BridgeDeliveryError(f"notification for {event.bucket}/{event.key} not delivered to "
-                                      f"{self.topic}: {errors[0] if errors else 'timeout'}")
+            raise BridgeDeliveryError(
+                f"notification for {event.bucket}/{event.key} not delivered to "
+                f"{self.topic}: {errors[0] if errors else 'timeout'}"
+            )
         self.status.count(CATEGORY, "forwarded")
-        _log.debug("filer event %s %s/%s forwarded as %s (mtime %s)", event.kind, event.bucket, event.key,
-                   EVENT_NAMES[event.kind], mtime)
+        _log.debug(
+            "filer event %s %s/%s forwarded as %s (mtime %s)",
+            event.kind,
+            event.bucket,
+            event.key,
+            EVENT_NAMES[event.kind],
+            mtime,
+        )
         return "forwarded"

@@ -5,7 +5,7 @@ committed (synchronously) only when the handler has returned, so a message whose
 handling did not finish is delivered again after a restart (at least once).
 
 `NextVisitHandler` turns one next_visit into targets: decode (JSON or Avro,
-`workflow.visit.decode_next_visit`), check (`workflow.visit.check_usable`), fan out
+`workflow.core.visit.decode_next_visit`), check (`workflow.core.visit.check_usable`), fan out
 to the active detectors, write the per-detector visit files, journal the visit,
 submit its targets.  Anything unusable is logged, counted by reason and skipped.
 """
@@ -21,19 +21,26 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from workflow.config import known_instruments
-from workflow.exceptions import IgnorableVisit, InvalidVisit, UnknownInstrumentError
-from workflow.target import TargetPaths
-from workflow.visit import CoordSys, NextVisit, RotSys, check_usable, decode_next_visit
-
-from .journal import AcceptedVisit, VisitJournal
-from .status import ShimStatus
-from .submission import Submitter
-from .target_store import LocalStore, TargetStore
+from stream_shim.journal import AcceptedVisit, VisitJournal
+from stream_shim.status import ShimStatus
+from stream_shim.submission import Submitter
+from stream_shim.target_store import LocalStore, PathOutsideRunDirError, TargetStore, contained_path
+from workflow.core.config import known_instruments
+from workflow.core.exceptions import (
+    IgnorableVisit,
+    InvalidIdentifier,
+    InvalidVisit,
+    StaleVisit,
+    UnknownInstrumentError,
+)
+from workflow.core.log_fields import shorten
+from workflow.core.visit import CoordSys, NextVisit, RotSys, check_usable, decode_next_visit
+from workflow.stages.target import TargetPaths
 
 _log = logging.getLogger(__name__)
 
 _HANDLER_RETRIES = 3
+_DROP_MESSAGE_LIMIT = 600  # characters of a drop's message kept in the log line
 
 
 class KafkaLog:
@@ -50,9 +57,16 @@ def consumer_settings(bootstrap: str, group: str, **extra: Any) -> dict[str, Any
     age, so nothing old is processed, and nothing sent before the first start
     is lost (Tansu's high watermark is not reliable enough for ``latest``).
     """
-    return {"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest",
-            "enable.auto.commit": False, "session.timeout.ms": 3000, "heartbeat.interval.ms": 750,
-            "logger": KafkaLog(), **extra}
+    return {
+        "bootstrap.servers": bootstrap,
+        "group.id": group,
+        "auto.offset.reset": "earliest",
+        "enable.auto.commit": False,
+        "session.timeout.ms": 3000,
+        "heartbeat.interval.ms": 750,
+        "logger": KafkaLog(),
+        **extra,
+    }
 
 
 class ConsumeLoop(threading.Thread):
@@ -75,8 +89,15 @@ class ConsumeLoop(threading.Thread):
         Counts go here, category ``name``.
     """
 
-    def __init__(self, name: str, settings: Mapping[str, Any], topic: str, handler: Callable[[Any], None],
-                 stop: threading.Event, status: ShimStatus) -> None:
+    def __init__(
+        self,
+        name: str,
+        settings: Mapping[str, Any],
+        topic: str,
+        handler: Callable[[Any], None],
+        stop: threading.Event,
+        status: ShimStatus,
+    ) -> None:
         super().__init__(name=name, daemon=True)
         self.settings, self.topic, self.handler, self.stop, self.status = dict(settings), topic, handler, stop, status
         self.failed: BaseException | None = None
@@ -117,8 +138,14 @@ class ConsumeLoop(threading.Thread):
                 self.handler(message)
                 return True
             except Exception:  # noqa: BLE001 - a message must not stop the shim
-                _log.exception("%s: handling offset %d of partition %d failed (attempt %d of %d)", self.topic,
-                               message.offset(), message.partition(), attempt, _HANDLER_RETRIES)
+                _log.exception(
+                    "%s: handling offset %d of partition %d failed (attempt %d of %d)",
+                    self.topic,
+                    message.offset(),
+                    message.partition(),
+                    attempt,
+                    _HANDLER_RETRIES,
+                )
             if attempt < _HANDLER_RETRIES and self.stop.wait(1.0):
                 return False
         self.status.count(self.name, "handler_error")
@@ -126,11 +153,27 @@ class ConsumeLoop(threading.Thread):
 
 
 def drop_reason(visit: NextVisit, error: IgnorableVisit) -> str:
-    """Return the counted reason of an ignorable next_visit."""
+    """Return the counted reason of an ignorable next_visit.
+
+    Parameters
+    ----------
+    visit : `workflow.core.visit.NextVisit`
+        The dropped message.
+    error : `workflow.core.exceptions.IgnorableVisit`
+        Why `workflow.core.visit.check_usable` refused it.
+
+    Returns
+    -------
+    reason : `str`
+        ``not_icrs``, ``not_sky_rotation``, ``stale_start`` (``startTime`` too old)
+        or ``stale`` (``private_sndStamp`` too old).
+    """
     if visit.coordinateSystem != CoordSys.ICRS:
         return "not_icrs"
     if visit.rotationSystem != RotSys.SKY:
         return "not_sky_rotation"
+    if isinstance(error, StaleVisit) and error.field == "startTime":
+        return "stale_start"
     return "stale"
 
 
@@ -140,7 +183,7 @@ class NextVisitHandler:
     Parameters
     ----------
     config : `~collections.abc.Mapping`
-        Merged configuration (``paths``, ``visit.max_age_s``).
+        Merged configuration (``paths``, ``visit.max_age_s``, ``visit.max_start_age_s``).
     detectors : sequence of `int`
         The instrument's active detectors.
     submitter : `stream_shim.submission.Submitter`
@@ -152,19 +195,30 @@ class NextVisitHandler:
     workdir : `pathlib.Path`
         Run directory (the config's relative paths are relative to it).
     on_accepted : callable, optional
-        Called with each accepted visit after submission (early-arrival check).
+        Called with each accepted visit after submission (early-arrival check);
+        what it returns is ignored.
     store : `stream_shim.target_store.TargetStore`, optional
         Where visit files are written (default: under ``workdir``).
     """
 
-    def __init__(self, config: Mapping[str, Any], *, detectors: Sequence[int], submitter: Submitter,
-                 journal: VisitJournal, status: ShimStatus, workdir: Path,
-                 on_accepted: Callable[[NextVisit], None] | None = None, store: TargetStore | None = None) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        detectors: Sequence[int],
+        submitter: Submitter,
+        journal: VisitJournal,
+        status: ShimStatus,
+        workdir: Path,
+        on_accepted: Callable[[NextVisit], object] | None = None,
+        store: TargetStore | None = None,
+    ) -> None:
         self.config, self.detectors, self.submitter, self.journal = config, list(detectors), submitter, journal
         self.status, self.workdir, self.on_accepted = status, Path(workdir), on_accepted
         self.store: TargetStore = store if store is not None else LocalStore(self.workdir)
         self.instrument = config["instrument"]["name"]
         self.max_age_s = float(config["visit"]["max_age_s"])
+        self.max_start_age_s = float(config["visit"]["max_start_age_s"])
         self.known = known_instruments()
 
     def __call__(self, message: Any) -> None:
@@ -172,51 +226,101 @@ class NextVisitHandler:
         where = {"topic": message.topic(), "partition": message.partition(), "offset": message.offset()}
         self.handle(message.value(), kafka=where)
 
-    def handle(self, value: bytes | str | None, *, kafka: dict[str, Any] | None = None,
-               now: float | None = None) -> str:
-        """Handle one message value; return what happened (``accepted`` or the drop reason)."""
+    def handle(
+        self, value: bytes | str | None, *, kafka: dict[str, Any] | None = None, now: float | None = None
+    ) -> str:
+        """Handle one message value; return what happened (``accepted`` or the drop reason).
+
+        Drop reasons: ``malformed`` (not JSON/Avro, a field missing or mistyped,
+        nested too deeply), ``invalid_group``, ``invalid_instrument``,
+        ``invalid_detector``, ``invalid_day_obs`` (a value that becomes a path does
+        not match `workflow.core.identifiers`), ``unknown_instrument``,
+        ``not_icrs``, ``not_sky_rotation``, ``stale``, ``stale_start``,
+        ``other_instrument``, ``outside_run_dir``.
+        """
         where = f"next_visit at {kafka}" if kafka else "next_visit"
         if value is None:
             return self._drop("malformed", f"{where}: empty message")
         try:
             visit = decode_next_visit(value)
+        except InvalidIdentifier as exc:
+            return self._drop(exc.reason, f"{where}: {exc}")
         except InvalidVisit as exc:
             return self._drop("malformed", f"{where}: {exc}")
         context = {"instrument": visit.instrument, "group": visit.groupId}
         try:
-            check_usable(visit, known_instruments=self.known, max_age_s=self.max_age_s, now=now)
+            check_usable(
+                visit,
+                known_instruments=self.known,
+                max_age_s=self.max_age_s,
+                max_start_age_s=self.max_start_age_s,
+                now=now,
+            )
         except UnknownInstrumentError as exc:
             return self._drop("unknown_instrument", f"{where}: {exc}", context)
         except IgnorableVisit as exc:
             return self._drop(drop_reason(visit, exc), f"{where}: {exc}", context)
         if visit.instrument != self.instrument:
-            return self._drop("other_instrument", f"{where}: instrument {visit.instrument!r}, this shim serves "
-                              f"{self.instrument!r}", context)
+            return self._drop(
+                "other_instrument",
+                f"{where}: instrument {visit.instrument!r}, this shim serves {self.instrument!r}",
+                context,
+            )
         return self.accept(visit, kafka=kafka)
 
     def _drop(self, reason: str, message: str, context: Mapping[str, Any] | None = None) -> str:
         self.status.count("next_visit", reason)
+        if len(message) > _DROP_MESSAGE_LIMIT:
+            message = f"{message[:_DROP_MESSAGE_LIMIT]}... (message cut, {len(message)} chars)"
         _log.warning("dropped (%s): %s", reason, message, extra={"reason": reason, **(context or {})})
         return reason
 
     def accept(self, visit: NextVisit, *, kafka: dict[str, Any] | None = None) -> str:
-        """Fan out, write visit files, journal, submit; return ``accepted`` or ``duplicate``."""
+        """Fan out, write visit files, journal, submit; return ``accepted``, ``duplicate`` or a drop reason.
+
+        Every visit file's path is checked to stay inside the run directory
+        before any is written; if one does not, nothing is written and the visit
+        is dropped as ``outside_run_dir`` (or ``invalid_detector``).
+        """
         started = time.monotonic()
+        context = {"instrument": visit.instrument, "group": visit.groupId}
+        where = f"next_visit at {kafka}" if kafka else "next_visit"
+        try:
+            fanned = [(dv, TargetPaths.from_visit(dv, self.config)) for dv in visit.fan_out(self.detectors)]
+            for _, paths in fanned:
+                contained_path(self.workdir, paths.visit_file)
+        except InvalidIdentifier as exc:
+            return self._drop(exc.reason, f"{where}: {exc}", context)
+        except PathOutsideRunDirError as exc:
+            return self._drop("outside_run_dir", f"{where} group {shorten(visit.groupId)}: {exc}", context)
         targets = []
-        for detector_visit in visit.fan_out(self.detectors):
-            paths = TargetPaths.from_visit(detector_visit, self.config)
+        for detector_visit, paths in fanned:
             self.store.write_json(paths.visit_file, detector_visit.to_dict())
             targets.append(paths)
-        self.journal.append(AcceptedVisit(instrument=visit.instrument, day_obs=visit.day_obs, group=visit.groupId,
-                                          detectors=tuple(self.detectors), accepted=time.time(), kafka=kafka))
+        self.journal.append(
+            AcceptedVisit(
+                instrument=visit.instrument,
+                day_obs=visit.day_obs,
+                group=visit.groupId,
+                detectors=tuple(self.detectors),
+                accepted=time.time(),
+                kafka=kafka,
+            )
+        )
         result = self.submitter.submit(targets, batch_id=visit.groupId)
         outcome = "accepted" if result.submitted else "duplicate"
         self.status.count("next_visit", outcome)
         self.status.observe("accept_to_submit", time.monotonic() - started)
-        _log.info("%s group %s: %d target(s) submitted, %d already done, %d already failed, %d in flight",
-                  visit.instrument, visit.groupId, len(result.submitted), len(result.already_done),
-                  len(result.already_failed), len(result.in_flight),
-                  extra={"instrument": visit.instrument, "group": visit.groupId, "outcome": outcome})
+        _log.info(
+            "%s group %s: %d target(s) submitted, %d already done, %d already failed, %d in flight",
+            visit.instrument,
+            visit.groupId,
+            len(result.submitted),
+            len(result.already_done),
+            len(result.already_failed),
+            len(result.in_flight),
+            extra={"instrument": visit.instrument, "group": visit.groupId, "outcome": outcome},
+        )
         if self.on_accepted is not None:
             try:
                 self.on_accepted(visit)

@@ -4,13 +4,24 @@ The checks run side by side (the Butler and APDB imports take ~2 s each) and
 every failure is reported in one `HealthCheckError` message, one line per
 service, so an operator sees at once what is missing.  Missing topics are
 created (a broker that refuses is a failure); a missing SQLite APDB is created,
-which also keeps two first targets from racing to create it.
+which also keeps two first targets from racing to create it.  Every message is
+passed through `workflow.core.redact.redact_text` (a ``db_url`` password never
+reaches the log or the `HealthCheckError`), and a password written in
+``apdb.db_url`` itself draws a warning: it belongs in ``db-auth.yaml`` or
+``PGPASSWORD`` (docs/operations.md, "Credentials").
 """
 
 from __future__ import annotations
 
-__all__ = ["Check", "HealthCheckError", "check_kafka", "check_s3", "check_central_repo", "check_apdb",
-           "run_health_checks"]
+__all__ = [
+    "Check",
+    "HealthCheckError",
+    "check_kafka",
+    "check_s3",
+    "check_central_repo",
+    "check_apdb",
+    "run_health_checks",
+]
 
 import concurrent.futures
 import dataclasses
@@ -20,7 +31,8 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from workflow.exceptions import RetriableError
+from workflow.core.exceptions import RetriableError
+from workflow.core.redact import redact_text, redact_url
 
 _log = logging.getLogger(__name__)
 
@@ -43,10 +55,10 @@ def _timed(name: str, probe: Callable[[], str]) -> Check:
     start = time.monotonic()
     try:
         message = probe()
-        return Check(name, True, message, time.monotonic() - start)
+        return Check(name, True, redact_text(message), time.monotonic() - start)
     except Exception as exc:  # noqa: BLE001 - every failure becomes part of the report
         text = " ".join(str(exc).split()) or type(exc).__name__
-        return Check(name, False, f"{type(exc).__name__}: {text}", time.monotonic() - start)
+        return Check(name, False, redact_text(f"{type(exc).__name__}: {text}"), time.monotonic() - start)
 
 
 def check_kafka(bootstrap: str | None, topics: Sequence[str], *, timeout_s: float = 10.0) -> str:
@@ -60,8 +72,10 @@ def check_kafka(bootstrap: str | None, topics: Sequence[str], *, timeout_s: floa
         If no broker is configured.
     """
     if not bootstrap:
-        raise ValueError("kafka.bootstrap is null: the shim consumes Kafka topics; set it in an extra config "
-                         "file (scripts/live_demo.py starts a local broker)")
+        raise ValueError(
+            "kafka.bootstrap is null: the shim consumes Kafka topics; set it in an extra config "
+            "file (scripts/live_demo.py starts a local broker)"
+        )
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient, NewTopic
 
@@ -72,8 +86,9 @@ def check_kafka(bootstrap: str | None, topics: Sequence[str], *, timeout_s: floa
         raise ConnectionError(f"broker {bootstrap} not reachable within {timeout_s:g} s: {exc}") from None
     missing = [t for t in dict.fromkeys(topics) if t not in existing]
     if missing:
-        futures = admin.create_topics([NewTopic(t, num_partitions=1, replication_factor=1) for t in missing],
-                                      operation_timeout=timeout_s)
+        futures = admin.create_topics(
+            [NewTopic(t, num_partitions=1, replication_factor=1) for t in missing], operation_timeout=timeout_s
+        )
         for topic, future in futures.items():
             try:
                 future.result(timeout=timeout_s)
@@ -88,10 +103,10 @@ def check_s3(config: Mapping[str, Any], bucket: str) -> str:
 
     Raises
     ------
-    workflow.buckets.BucketUnavailableError
+    workflow.core.buckets.BucketUnavailableError
         If the server or the bucket is unavailable.
     """
-    from workflow.buckets import open_bucket
+    from workflow.core.buckets import open_bucket
 
     store = open_bucket(config, bucket)
     store.list("prompt-snake-health-check/")
@@ -104,10 +119,10 @@ def check_central_repo(root: str) -> str:
 
     Raises
     ------
-    workflow.exceptions.NonRetriableError
+    workflow.core.exceptions.NonRetriableError
         If there is no repository there.
     """
-    from workflow.central_repo import open_central_repo
+    from workflow.repo.central_repo import open_central_repo
 
     butler = open_central_repo(root)
     return f"central repo {root}: {len(butler.collections.query('*'))} collection(s)"
@@ -118,13 +133,20 @@ def check_apdb(apdb_config: Mapping[str, Any]) -> str:
 
     Raises
     ------
-    workflow.apdb.ApdbUnavailableError, workflow.apdb.ApdbNotFoundError, workflow.apdb.ApdbVersionError
-        As `workflow.apdb.open_apdb`.
+    workflow.apdb.store.ApdbUnavailableError, workflow.apdb.store.ApdbNotFoundError,
+    workflow.apdb.store.ApdbVersionError
+        As `workflow.apdb.store.open_apdb`.
     """
-    from workflow.apdb import open_apdb
+    from workflow.apdb.store import open_apdb
 
+    db_url = apdb_config.get("db_url") or ""
+    if db_url and redact_url(db_url) != db_url:
+        _log.warning(
+            "apdb.db_url %s holds a password: put it in db-auth.yaml or PGPASSWORD instead (docs/operations.md)",
+            redact_url(db_url),
+        )
     open_apdb(apdb_config, create=True)
-    return f"APDB {apdb_config.get('db_url') or apdb_config.get('config_file')} ready"
+    return f"APDB {redact_url(db_url) if db_url else apdb_config.get('config_file')} ready"
 
 
 def run_health_checks(config: Mapping[str, Any], *, workdir: Path, topics: Sequence[str]) -> list[Check]:
@@ -162,8 +184,12 @@ def run_health_checks(config: Mapping[str, Any], *, workdir: Path, topics: Seque
         futures = {name: pool.submit(_timed, name, probe) for name, probe in probes.items()}
         checks = [future.result() for future in futures.values()]
     for check in checks:
-        _log.info("health %s: %s (%.2f s)", check.name, check.message if check.ok else "FAILED " + check.message,
-                  check.seconds)
+        _log.info(
+            "health %s: %s (%.2f s)",
+            check.name,
+            check.message if check.ok else "FAILED " + check.message,
+            check.seconds,
+        )
     failed = [c for c in checks if not c.ok]
     if failed:
         raise HealthCheckError("start-up health check failed: " + "; ".join(f"{c.name}: {c.message}" for c in failed))

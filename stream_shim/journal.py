@@ -53,9 +53,14 @@ class AcceptedVisit:
         KeyError, TypeError, ValueError
             If a field is missing or mistyped.
         """
-        return cls(instrument=str(data["instrument"]), day_obs=str(data["day_obs"]), group=str(data["group"]),
-                   detectors=tuple(int(d) for d in data["detectors"]), accepted=float(data["accepted"]),
-                   kafka=data.get("kafka"))
+        return cls(
+            instrument=str(data["instrument"]),
+            day_obs=str(data["day_obs"]),
+            group=str(data["group"]),
+            detectors=tuple(int(d) for d in data["detectors"]),
+            accepted=float(data["accepted"]),
+            kafka=data.get("kafka"),
+        )
 
 
 class VisitJournal:
@@ -101,6 +106,35 @@ class VisitJournal:
             except (ValueError, KeyError, TypeError) as exc:
                 _log.warning("journal %s line %d unreadable, skipped: %s", self.path, number, exc)
         return visits
+
+    def remove_target(self, instrument: str, day_obs: str, group: str, detector: int) -> bool:
+        """Drop one detector-visit from the journal (a quarantined target); return whether it was there.
+
+        The visit's other detectors stay; a visit left with none is dropped.
+        """
+        with self._lock:
+            try:
+                lines = self.path.read_text().splitlines()
+            except FileNotFoundError:
+                return False
+        visits, found = [], False
+        for line in lines:
+            try:
+                visit = AcceptedVisit.from_dict(json.loads(line))
+            except (ValueError, KeyError, TypeError):
+                continue
+            if (visit.instrument, visit.day_obs, visit.group) == (instrument, day_obs, group) and (
+                detector in visit.detectors
+            ):
+                found = True
+                visit = dataclasses.replace(visit, detectors=tuple(d for d in visit.detectors if d != detector))
+                if not visit.detectors:
+                    continue
+            visits.append(visit)
+        if found:
+            self.rewrite(visits)
+            _log.info("journal %s: %s/%s/%s/%d removed", self.path, instrument, day_obs, group, detector)
+        return found
 
     def rewrite(self, visits: Iterable[AcceptedVisit]) -> None:
         """Replace the journal by ``visits`` atomically (compaction)."""

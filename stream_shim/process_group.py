@@ -147,24 +147,40 @@ def _wait_gone(pids: set[int], timeout_s: float) -> bool:
     return True
 
 
-def spawn(args: Sequence[str], *, registry: ChildRegistry | None, cwd: str | Path | None = None,
-          env: dict[str, str] | None = None, stdin: int | IO[Any] | None = subprocess.DEVNULL,
-          stdout: int | IO[Any] | None = None, text: bool = False) -> subprocess.Popen[Any]:
+def spawn(
+    args: Sequence[str],
+    *,
+    registry: ChildRegistry | None,
+    cwd: str | Path | None = None,
+    env: dict[str, str] | None = None,
+    stdin: int | IO[Any] | None = subprocess.DEVNULL,
+    stdout: int | IO[Any] | None = None,
+    text: bool = False,
+) -> subprocess.Popen[Any]:
     """Start ``args`` in a new session that dies with this process; record its group.
 
     Call it from a thread that lives as long as the child should: the death
     signal follows the thread that started the child.
     """
-    proc = subprocess.Popen(list(args), cwd=cwd, env=env, stdin=stdin, stdout=stdout,
-                            stderr=subprocess.STDOUT if stdout is not None else None, text=text,
-                            start_new_session=True, preexec_fn=_die_with_parent())
+    proc = subprocess.Popen(
+        list(args),
+        cwd=cwd,
+        env=env,
+        stdin=stdin,
+        stdout=stdout,
+        stderr=subprocess.STDOUT if stdout is not None else None,
+        text=text,
+        start_new_session=True,
+        preexec_fn=_die_with_parent(),
+    )
     if registry is not None:
         registry.add(proc.pid)
     return proc
 
 
-def stop_group(proc: subprocess.Popen[Any], *, wait_s: float, term_wait_s: float = 5.0,
-               registry: ChildRegistry | None = None) -> str:
+def stop_group(
+    proc: subprocess.Popen[Any], *, wait_s: float, term_wait_s: float = 5.0, registry: ChildRegistry | None = None
+) -> str:
     """Stop a child started by `spawn`, escalating; return how it ended.
 
     Parameters

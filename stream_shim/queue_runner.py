@@ -33,7 +33,7 @@ FINISHED = object()
 WRAPPER_RULE = "shim_stream"
 """Name of the wrapper's queue-fed rule."""
 
-_WRAPPER = '''\
+_WRAPPER = """\
 # Written by the stream shim (stream_shim.queue_runner): the project's workflow plus
 # one default rule whose inputs arrive on stdin while Snakemake runs.
 from stream_shim.queue_runner import TARGETS, FINISHED
@@ -46,7 +46,7 @@ rule {rule}:
     input:
         from_queue(TARGETS, finish_sentinel=FINISHED),
     default_target: True
-'''
+"""
 
 
 def write_wrapper_snakefile(directory: str | Path, snakefile: str | Path) -> Path:
@@ -80,12 +80,12 @@ def _feed(stream: IO[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Feed stdin into `TARGETS` and run Snakemake's command line; return its exit status.
 
-    ``--k8s`` as the first argument runs `workflow.k8s_executor` instead of plain Snakemake.
+    ``--k8s`` as the first argument runs `workflow.runtime.k8s_executor` instead of plain Snakemake.
     """
     args = list(sys.argv[1:] if argv is None else argv)
     threading.Thread(target=_feed, args=(sys.stdin,), name="target-feed", daemon=True).start()
     if args[:1] == ["--k8s"]:
-        from workflow.k8s_executor import main as k8s_main
+        from workflow.runtime.k8s_executor import main as k8s_main
 
         return k8s_main(args[1:])
     from snakemake.cli import main as snakemake_main

@@ -5,7 +5,7 @@ Notifications have the Rubin/Ceph S3-event form
 "object": {"key": ..., "size": ...}}}]}`` (the embedded default makes them with
 `stream_shim.bridge`).  Each key is parsed with the instrument's raw key layout;
 raws of this instrument in the raw bucket whose object still exists are recorded
-in the `workflow.arrivals.ArrivalIndex`, where ingest finds them.  Everything else
+in the `workflow.core.arrivals.ArrivalIndex`, where ingest finds them.  Everything else
 is counted by reason (category ``raw_notification``) and skipped: sidecars
 (``.json``), other buckets, keys of another layout or instrument, unknown
 detectors, objects gone by the time we look, malformed messages.
@@ -31,13 +31,12 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from workflow.arrivals import Arrival, ArrivalIndex, normalize_day_obs
-from workflow.buckets import Bucket
-from workflow.instrument import Instrument
-from workflow.raw_keys import RawKeyLayout
-from workflow.visit import NextVisit
-
-from .status import ShimStatus
+from stream_shim.status import ShimStatus
+from workflow.core.arrivals import Arrival, ArrivalIndex, normalize_day_obs
+from workflow.core.buckets import Bucket
+from workflow.core.instrument import Instrument
+from workflow.core.raw_keys import RawKeyLayout
+from workflow.core.visit import NextVisit
 
 _log = logging.getLogger(__name__)
 
@@ -116,11 +115,11 @@ class RawArrivals:
     ----------
     config : `~collections.abc.Mapping`
         Merged configuration (``raw.key_template``, ``buckets.raw``).
-    instrument : `workflow.instrument.Instrument`
+    instrument : `workflow.core.instrument.Instrument`
         The instrument (detector names to ids).
-    bucket : `workflow.buckets.Bucket`
+    bucket : `workflow.core.buckets.Bucket`
         The raw bucket (existence checks, early-arrival listings).
-    index : `workflow.arrivals.ArrivalIndex`
+    index : `workflow.core.arrivals.ArrivalIndex`
         Where arrivals are recorded.
     status : `stream_shim.status.ShimStatus`
         Counts go here.
@@ -128,8 +127,16 @@ class RawArrivals:
         `check_early` lists the bucket only this long after construction.
     """
 
-    def __init__(self, config: Mapping[str, Any], *, instrument: Instrument, bucket: Bucket, index: ArrivalIndex,
-                 status: ShimStatus, warmup_s: float = 300.0) -> None:
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        instrument: Instrument,
+        bucket: Bucket,
+        index: ArrivalIndex,
+        status: ShimStatus,
+        warmup_s: float = 300.0,
+    ) -> None:
         self.layout = RawKeyLayout.from_config(config)
         self.instrument, self.bucket, self.index, self.status = instrument, bucket, index, status
         self.bucket_name = config["buckets"]["raw"]
@@ -152,8 +159,9 @@ class RawArrivals:
 
     def _skip(self, reason: str, event: ObjectEvent, level: int = logging.DEBUG) -> str:
         self.status.count(CATEGORY, reason)
-        _log.log(level, "raw notification for %s/%s skipped: %s", event.bucket, event.key, reason,
-                 extra={"reason": reason})
+        _log.log(
+            level, "raw notification for %s/%s skipped: %s", event.bucket, event.key, reason, extra={"reason": reason}
+        )
         return reason
 
     def handle_event(self, event: ObjectEvent, received: float) -> str:
@@ -171,9 +179,11 @@ class RawArrivals:
         fields = self.layout.parse(key)
         if fields is None:
             return self._skip("no_layout_match", event, logging.INFO)
+        detector_key = fields.detector if fields.detector is not None else fields.detector_name
+        if detector_key is None:  # the key template names no detector
+            return self._skip("unknown_detector", event, logging.WARNING)
         try:
-            detector = self.instrument.detector(
-                fields.detector if fields.detector is not None else fields.detector_name).id
+            detector = self.instrument.detector(detector_key).id
         except (KeyError, ValueError, TypeError):
             return self._skip("unknown_detector", event, logging.WARNING)
         if check_exists:
@@ -185,8 +195,11 @@ class RawArrivals:
             if not exists:
                 return self._skip("vanished", event, logging.WARNING)
         day_obs = fields.day_obs or _day_of(received)
-        new = self.index.record(self.instrument.name, normalize_day_obs(day_obs), Arrival(
-            key=key, bucket=self.bucket_name, detector=detector, received=received, size=size, source=source))
+        new = self.index.record(
+            self.instrument.name,
+            normalize_day_obs(day_obs),
+            Arrival(key=key, bucket=self.bucket_name, detector=detector, received=received, size=size, source=source),
+        )
         if not new:
             if source == "notification":  # a listing meets every earlier raw of the day again: not counted
                 self.status.count(CATEGORY, "duplicate")
@@ -194,8 +207,12 @@ class RawArrivals:
         outcome = "recorded" if source == "notification" else "early_arrival"
         self.status.count(CATEGORY, outcome)
         if new:
-            _log.info("raw %s arrived (%s)", key, source,
-                      extra={"instrument": self.instrument.name, "detector": detector, "key": key})
+            _log.info(
+                "raw %s arrived (%s)",
+                key,
+                source,
+                extra={"instrument": self.instrument.name, "detector": detector, "key": key},
+            )
         return outcome
 
     def check_early(self, visit: NextVisit) -> int:
@@ -218,5 +235,5 @@ class RawArrivals:
 
 def _day_of(unix_time: float) -> str:
     """Observing day (``YYYYMMDD``, time minus 12 h) of a unix time, for layouts without a day."""
-    moment = datetime.datetime.fromtimestamp(unix_time, datetime.timezone.utc) - datetime.timedelta(hours=12)
+    moment = datetime.datetime.fromtimestamp(unix_time, datetime.UTC) - datetime.timedelta(hours=12)
     return moment.strftime("%Y%m%d")

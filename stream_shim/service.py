@@ -21,33 +21,36 @@ __all__ = ["DESIGNS", "ShimOptions", "ShimAlreadyRunningError", "StreamShim"]
 
 import dataclasses
 import fcntl
+import functools
 import logging
 import os
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
-from workflow.arrivals import ENV_VAR, ArrivalIndex
-from workflow.buckets import open_bucket
-from workflow.config import instrument_config_path
-from workflow.exceptions import RetriableError
-from workflow.prep import instrument_for_run
-from workflow.snakemake_runner import snakemake_command
-from workflow.target import TargetPaths
-
-from .backends import Backend, StreamingBackend, SubprocessPoolBackend
-from .bridge import FilerBridge
-from .consumer import ConsumeLoop, NextVisitHandler, consumer_settings
-from .health import run_health_checks
-from .journal import VisitJournal
-from .process_group import ChildRegistry
-from .queue_runner import write_wrapper_snakefile
-from .raw_arrival import RawArrivals
-from .status import ShimStatus, StatusServer, StatusWriter
-from .submission import Submitter
-from .target_store import TargetStore, store_for_profile
+from stream_shim.backends import Backend, StreamingBackend, SubprocessPoolBackend
+from stream_shim.bridge import FilerBridge
+from stream_shim.consumer import ConsumeLoop, NextVisitHandler, consumer_settings
+from stream_shim.health import run_health_checks
+from stream_shim.journal import AcceptedVisit, VisitJournal
+from stream_shim.process_group import ChildRegistry
+from stream_shim.queue_runner import write_wrapper_snakefile
+from stream_shim.raw_arrival import RawArrivals
+from stream_shim.retry_policy import RetryPolicy
+from stream_shim.status import ShimStatus, StatusServer, StatusWriter
+from stream_shim.submission import Submitter
+from stream_shim.target_store import PathOutsideRunDirError, TargetStore, contained_path, store_for_profile
+from workflow.core.arrivals import ENV_VAR, ArrivalIndex
+from workflow.core.buckets import open_bucket
+from workflow.core.config import instrument_config_path
+from workflow.core.exceptions import InvalidIdentifier, RetriableError
+from workflow.core.identifiers import check_identifier
+from workflow.core.instrument import instrument_for_run
+from workflow.runtime.snakemake_runner import snakemake_command, snakemake_entry
+from workflow.stages.records import FailedRecord
+from workflow.stages.target import TargetPaths
 
 _log = logging.getLogger(__name__)
 
@@ -140,9 +143,12 @@ class StreamShim:
         self.journal = VisitJournal(self.state_dir / "journal.jsonl")
         self.registry = ChildRegistry(self.state_dir / "children.json")
         self.index = ArrivalIndex(self.state_dir / "arrivals")
-        self.store: TargetStore = store_for_profile(options.profile, self.workdir,
-                                                    storage_prefix=options.storage_prefix,
-                                                    endpoint_url=options.storage_endpoint_url)
+        self.store: TargetStore = store_for_profile(
+            options.profile,
+            self.workdir,
+            storage_prefix=options.storage_prefix,
+            endpoint_url=options.storage_endpoint_url,
+        )
         self._lock_file: IO[str] | None = None
         self.submitter: Submitter | None = None
 
@@ -158,7 +164,15 @@ class StreamShim:
         self._lock_file.write(str(os.getpid()))
         self._lock_file.flush()
 
-    def _command(self, targets: list[str] | tuple[str, ...], cores: int | None, extra: list[str]) -> list[str]:
+    def _command(
+        self,
+        targets: Sequence[str],
+        cores: int | None,
+        extra: list[str],
+        *,
+        snakefile: Path | None = None,
+        entry: list[str] | None = None,
+    ) -> list[str]:
         flags = ["--nolock", "--rerun-incomplete", "--set-threads", "ingest=0", *extra, *self.options.snakemake_args]
         if cores is not None:
             flags += ["--cores", str(cores)]
@@ -167,11 +181,15 @@ class StreamShim:
         if self.options.storage_endpoint_url:
             flags += ["--storage-s3-endpoint-url", self.options.storage_endpoint_url]
         configfiles = [instrument_config_path(self.config["instrument"]["name"]), *self.options.config_files]
-        command = snakemake_command(list(targets), profile=self.options.profile, configfiles=configfiles,
-                                    directory=self.workdir, extra=flags)
-        if self.options.snakefile is not None:
-            command[command.index("--snakefile") + 1] = str(self.options.snakefile)
-        return command
+        return snakemake_command(
+            list(targets),
+            profile=self.options.profile,
+            snakefile=snakefile or self.options.snakefile,
+            entry=entry,
+            configfiles=configfiles,
+            directory=self.workdir,
+            extra=flags,
+        )
 
     def _backend(self, submitter_unfinished: Any) -> Backend:
         env = dict(os.environ)
@@ -179,28 +197,87 @@ class StreamShim:
         logs = self.state_dir / "logs"
         if self.design == "subprocess":
             max_cores = None if self.k8s else self.max_targets
-            return SubprocessPoolBackend(lambda targets, cores: self._command(targets, cores, []),
-                                         max_cores=max_cores, env=env, log_dir=logs, registry=self.registry,
-                                         workdir=self.workdir)
-        from workflow.config import PROJECT_ROOT
+            return SubprocessPoolBackend(
+                lambda targets, cores: self._command(targets, cores, []),
+                max_cores=max_cores,
+                env=env,
+                log_dir=logs,
+                registry=self.registry,
+                workdir=self.workdir,
+            )
+        from workflow.core.config import PROJECT_ROOT
 
-        wrapper = write_wrapper_snakefile(self.state_dir / "stream", self.options.snakefile or PROJECT_ROOT / "Snakefile")
-        command = self._command([], self.max_targets, ["--queue-input-wait-time", "1"])
-        command[command.index("--snakefile") + 1] = str(wrapper)
-        k8s = command[2] == "workflow.k8s_executor"
-        command[1:3] = ["-m", "stream_shim.queue_runner", *(["--k8s"] if k8s else [])]
-        return StreamingBackend(command, env=env, log_dir=logs, registry=self.registry, workdir=self.workdir,
-                                unfinished=submitter_unfinished)
+        wrapper = write_wrapper_snakefile(
+            self.state_dir / "stream", self.options.snakefile or PROJECT_ROOT / "Snakefile"
+        )
+        k8s = snakemake_entry(self.options.profile)[-1] == "workflow.runtime.k8s_executor"
+        command = self._command(
+            [],
+            self.max_targets,
+            ["--queue-input-wait-time", "1"],
+            snakefile=wrapper,
+            entry=["-m", "stream_shim.queue_runner", *(["--k8s"] if k8s else [])],
+        )
+        return StreamingBackend(
+            command,
+            env=env,
+            log_dir=logs,
+            registry=self.registry,
+            workdir=self.workdir,
+            unfinished=submitter_unfinished,
+            status=self.status,
+            on_quarantined=self._forget_quarantined,
+        )
+
+    def _forget_quarantined(self, target: str, record: FailedRecord) -> None:
+        """A target was quarantined: drop it from the journal, so no restart resumes it."""
+        self.journal.remove_target(record.instrument, record.day_obs, record.group, record.detector)
+
+    def _journaled_targets(self, visit: AcceptedVisit) -> list[TargetPaths] | None:
+        """The journaled visit's targets, or `None` (logged, counted) if one would be a bad path."""
+        try:
+            check_identifier("instrument", visit.instrument, where=f"journal {self.journal.path}")
+            check_identifier("day_obs", visit.day_obs, where=f"journal {self.journal.path}")
+            check_identifier("group", visit.group, where=f"journal {self.journal.path}")
+            for detector in visit.detectors:
+                check_identifier("detector", detector, where=f"journal {self.journal.path}")
+            targets = [
+                TargetPaths(visit.instrument, visit.day_obs, visit.group, d, Path("."), self.config["paths"])
+                for d in visit.detectors
+            ]
+            for target in targets:
+                contained_path(self.workdir, target.visit_file)
+        except (InvalidIdentifier, PathOutsideRunDirError) as exc:
+            self.status.count("journal", "invalid_visit")
+            _log.error("journaled visit not resumed and dropped from the journal: %s", exc)
+            return None
+        return targets
+
+    def _retry_lane(self) -> Backend | None:
+        """Streaming design: retries run as Snakemake subprocesses (its long-lived one never reruns a failed job)."""
+        if self.design != "streaming":
+            return None
+        env = {**os.environ, ENV_VAR: str(self.index.root)}
+        return SubprocessPoolBackend(
+            lambda targets, cores: self._command(list(targets), cores, []),
+            max_cores=self.max_targets,
+            env=env,
+            log_dir=self.state_dir / "logs" / "retries",
+            registry=self.registry,
+            workdir=self.workdir,
+        )
 
     def _resume(self, submitter: Submitter) -> int:
         """Submit again the journal's targets that have no outcome; compact the journal."""
         keep, again = [], 0
         for visit in self.journal.load():
-            targets = [TargetPaths(visit.instrument, visit.day_obs, visit.group, d, Path("."), self.config["paths"])
-                       for d in visit.detectors]
-            targets = [t for t in targets if (self.workdir / t.visit_file).exists()]
-            open_targets = [t for t in targets if not self.store.exists(t.done_file)
-                            and not self.store.exists(t.failed_file)]
+            journaled = self._journaled_targets(visit)
+            if journaled is None:
+                continue
+            targets = [t for t in journaled if (self.workdir / t.visit_file).exists()]
+            open_targets = [
+                t for t in targets if not self.store.exists(t.done_file) and not self.store.exists(t.failed_file)
+            ]
             if open_targets:
                 keep.append(visit)
                 again += len(submitter.submit(open_targets, batch_id=visit.group).submitted)
@@ -210,25 +287,59 @@ class StreamShim:
             _log.info("resumed %d unfinished target(s) of %d journaled visit(s)", again, len(keep))
         return again
 
-    def _loops(self, intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter) -> list[ConsumeLoop]:
+    def _loops(
+        self, intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter
+    ) -> list[ConsumeLoop]:
         config, topics = self.config, self.config["kafka_topics"]
         bootstrap, group = config["kafka"]["bootstrap"], config["kafka"]["consumer_group"]
         instrument = instrument_for_run(config)
-        arrivals = RawArrivals(config, instrument=instrument, bucket=open_bucket(config, config["buckets"]["raw"]),
-                               index=self.index, status=self.status)
-        handler = NextVisitHandler(config, detectors=[d.id for d in instrument.active_detectors()],
-                                   submitter=submitter, journal=self.journal, status=self.status,
-                                   workdir=self.workdir, on_accepted=arrivals.check_early, store=self.store)
+        arrivals = RawArrivals(
+            config,
+            instrument=instrument,
+            bucket=open_bucket(config, config["buckets"]["raw"]),
+            index=self.index,
+            status=self.status,
+        )
+        handler = NextVisitHandler(
+            config,
+            detectors=[d.id for d in instrument.active_detectors()],
+            submitter=submitter,
+            journal=self.journal,
+            status=self.status,
+            workdir=self.workdir,
+            on_accepted=arrivals.check_early,
+            store=self.store,
+        )
         loops = [
-            ConsumeLoop("raw_notification", consumer_settings(bootstrap, f"{group}-raw-arrivals"),
-                        topics["raw_notification"], arrivals, stop_all, self.status),
-            ConsumeLoop("next_visit", consumer_settings(bootstrap, group), topics["next_visit"], handler,
-                        intake_stop, self.status),
+            ConsumeLoop(
+                "raw_notification",
+                consumer_settings(bootstrap, f"{group}-raw-arrivals"),
+                topics["raw_notification"],
+                arrivals,
+                stop_all,
+                self.status,
+            ),
+            ConsumeLoop(
+                "next_visit",
+                consumer_settings(bootstrap, group),
+                topics["next_visit"],
+                handler,
+                intake_stop,
+                self.status,
+            ),
         ]
         if self.options.filer_topic:
             bridge = FilerBridge(bootstrap, topics["raw_notification"], [config["buckets"]["raw"]], self.status)
-            loops.append(ConsumeLoop("bridge", consumer_settings(bootstrap, f"{group}-filer-bridge"),
-                                     self.options.filer_topic, bridge, stop_all, self.status))
+            loops.append(
+                ConsumeLoop(
+                    "bridge",
+                    consumer_settings(bootstrap, f"{group}-filer-bridge"),
+                    self.options.filer_topic,
+                    bridge,
+                    stop_all,
+                    self.status,
+                )
+            )
         return loops
 
     # -- the run ------------------------------------------------------------------------
@@ -249,8 +360,11 @@ class StreamShim:
         topics = self.config["kafka_topics"]
         if self.options.health_check:
             needed = [topics["next_visit"], topics["raw_notification"], topics["alerts"]]
-            run_health_checks(self.config, workdir=self.workdir,
-                              topics=needed + ([self.options.filer_topic] if self.options.filer_topic else []))
+            run_health_checks(
+                self.config,
+                workdir=self.workdir,
+                topics=needed + ([self.options.filer_topic] if self.options.filer_topic else []),
+            )
         self.index.prune(_ARRIVALS_KEEP_S)
         writer_stop = threading.Event()
         writer = StatusWriter(self.status, self.state_dir / "status.json", writer_stop)
@@ -259,9 +373,16 @@ class StreamShim:
         if self.options.status_port is not None:
             server = StatusServer(self.status, self.options.status_port)
             server.start()
-        submitter = self.submitter = Submitter(None, self.status, workdir=self.workdir, store=self.store,
-                                               poll_s=2.0 if self.k8s else 0.5)
-        submitter.backend = self._backend(submitter.unfinished)
+        submitter = self.submitter = Submitter(
+            None,
+            self.status,
+            workdir=self.workdir,
+            store=self.store,
+            poll_s=2.0 if self.k8s else 0.5,
+            retry=RetryPolicy.from_config(self.config),
+            retry_backend=self._retry_lane(),
+        )
+        submitter.backend = self._backend(functools.partial(submitter.unfinished, first_attempts_only=True))
         submitter.start()
         self._resume(submitter)
         intake_stop, stop_all = threading.Event(), threading.Event()
@@ -269,9 +390,15 @@ class StreamShim:
         for loop in loops:
             loop.start()
         self.status.state = "running"
-        _log.info("stream shim running for %s (design %s, %d concurrent target(s), profile %s) after %.1f s; "
-                  "state in %s", self.config["instrument"]["name"], self.design, self.max_targets,
-                  self.options.profile, time.monotonic() - started, self.state_dir)
+        _log.info(
+            "stream shim running for %s (design %s, %d concurrent target(s), profile %s) after %.1f s; state in %s",
+            self.config["instrument"]["name"],
+            self.design,
+            self.max_targets,
+            self.options.profile,
+            time.monotonic() - started,
+            self.state_dir,
+        )
         code = 0
         while not stop.wait(0.5):
             dead = [loop for loop in loops if not loop.is_alive()]
@@ -286,11 +413,15 @@ class StreamShim:
         writer.join(timeout=5.0)
         return code
 
-    def _shutdown(self, loops: list[ConsumeLoop], intake_stop: threading.Event, stop_all: threading.Event,
-                  submitter: Submitter) -> None:
+    def _shutdown(
+        self, loops: list[ConsumeLoop], intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter
+    ) -> None:
         self.status.state = "draining"
-        _log.info("stopping: no more next_visits; %d target(s) in flight get %.0f s to finish",
-                  len(submitter.unfinished()), self.options.grace_s)
+        _log.info(
+            "stopping: no more next_visits; %d target(s) in flight get %.0f s to finish",
+            len(submitter.unfinished()),
+            self.options.grace_s,
+        )
         intake_stop.set()
         for loop in loops:
             if loop.name == "next_visit":

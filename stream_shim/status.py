@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from workflow.core.redact import redact_text
+
 _log = logging.getLogger(__name__)
 
 _LATENCY_WINDOW = 2000  # keep the latest samples of each latency
@@ -55,9 +57,40 @@ class ShimStatus:
         self._lock = threading.Lock()
         self._counts: dict[str, collections.Counter[str]] = collections.defaultdict(collections.Counter)
         self._latencies: dict[str, collections.deque[float]] = collections.defaultdict(
-            lambda: collections.deque(maxlen=_LATENCY_WINDOW))
+            lambda: collections.deque(maxlen=_LATENCY_WINDOW)
+        )
         self._gauges: dict[str, Callable[[], Mapping[str, int]]] = {}
+        self._conditions: dict[str, tuple[str, str]] = {}
         self.state = "starting"
+
+    def set_condition(self, name: str, level: str | None, detail: str = "") -> None:
+        """Raise (``level`` ``"degraded"`` or ``"unhealthy"``) or clear (`None`) a named health condition.
+
+        ``/healthz`` answers 503 while any condition is ``unhealthy``, and names
+        every active one; ``degraded`` conditions are reported but stay 200
+        (e.g. a consumer being recreated, a target isolated after a crash loop).
+        """
+        if level not in (None, "degraded", "unhealthy"):
+            raise ValueError(f"health condition {name}: level {level!r} is not degraded, unhealthy or None")
+        with self._lock:
+            if level is None:
+                self._conditions.pop(name, None)
+            else:
+                self._conditions[name] = (level, redact_text(detail))  # details quote exceptions: URLs
+
+    def conditions(self) -> dict[str, dict[str, str]]:
+        """Return the active health conditions: name -> level and detail."""
+        with self._lock:
+            return {name: {"level": level, "detail": detail} for name, (level, detail) in self._conditions.items()}
+
+    def health(self) -> tuple[bool, str]:
+        """Return whether the shim is healthy and the ``/healthz`` text (state, then active conditions)."""
+        conditions = self.conditions()
+        healthy = self.state in ("running", "draining") and all(c["level"] != "unhealthy" for c in conditions.values())
+        words = [self.state, *(f"{name}={c['level']}: {c['detail']}" for name, c in sorted(conditions.items()))]
+        if self.state in ("running", "draining") and any(c["level"] == "degraded" for c in conditions.values()):
+            words[0] = f"{self.state} (degraded)"
+        return healthy, "\n".join(words) + "\n"
 
     def count(self, category: str, reason: str, n: int = 1) -> None:
         """Add ``n`` to the count of ``reason`` in ``category`` (e.g. ``next_visit``, ``stale``)."""
@@ -84,43 +117,64 @@ class ShimStatus:
             counts = {c: dict(sorted(v.items())) for c, v in sorted(self._counts.items())}
             samples = {n: list(v) for n, v in self._latencies.items()}
         latencies = {
-            name: {"count": len(v), "p50_s": _round(percentile(v, 50)), "p95_s": _round(percentile(v, 95)),
-                   "max_s": _round(max(v) if v else None)}
+            name: {
+                "count": len(v),
+                "p50_s": _round(percentile(v, 50)),
+                "p95_s": _round(percentile(v, 95)),
+                "max_s": _round(max(v) if v else None),
+            }
             for name, v in sorted(samples.items())
         }
-        gauges = {}
+        gauges: dict[str, dict[str, int | str]] = {}  # a failing provider gives {"error": message}
         for name, provider in self._gauges.items():
             try:
                 gauges[name] = dict(provider())
             except Exception as exc:  # noqa: BLE001 - a status report must not fail
-                gauges[name] = {"error": str(exc)}
-        return {"instrument": self.instrument, "design": self.design, "state": self.state,
-                "pid": os.getpid(), "started": self.started, "updated": time.time(),
-                "uptime_s": round(time.time() - self.started, 3), "counts": counts, "gauges": gauges,
-                "latencies": latencies}
+                gauges[name] = {"error": redact_text(str(exc))}
+        return {
+            "instrument": self.instrument,
+            "design": self.design,
+            "state": self.state,
+            "pid": os.getpid(),
+            "started": self.started,
+            "updated": time.time(),
+            "uptime_s": round(time.time() - self.started, 3),
+            "counts": counts,
+            "conditions": self.conditions(),
+            "gauges": gauges,
+            "latencies": latencies,
+        }
 
     def prometheus(self) -> str:
         """Return the counts, gauges and latency quantiles in the Prometheus text format."""
         snap = self.snapshot()
-        lines = ["# HELP prompt_snake_shim_events_total Events handled by the stream shim, by category and reason.",
-                 "# TYPE prompt_snake_shim_events_total counter"]
+        lines = [
+            "# HELP prompt_snake_shim_events_total Events handled by the stream shim, by category and reason.",
+            "# TYPE prompt_snake_shim_events_total counter",
+        ]
         for category, reasons in snap["counts"].items():
             for reason, value in reasons.items():
-                lines.append(f'prompt_snake_shim_events_total{{category="{_esc(category)}",'
-                             f'reason="{_esc(reason)}"}} {value}')
-        lines += ["# HELP prompt_snake_shim_gauge Current values (targets by state, ...).",
-                  "# TYPE prompt_snake_shim_gauge gauge"]
+                lines.append(
+                    f'prompt_snake_shim_events_total{{category="{_esc(category)}",reason="{_esc(reason)}"}} {value}'
+                )
+        lines += [
+            "# HELP prompt_snake_shim_gauge Current values (targets by state, ...).",
+            "# TYPE prompt_snake_shim_gauge gauge",
+        ]
         for name, values in snap["gauges"].items():
             for key, value in values.items():
                 if isinstance(value, (int, float)):
                     lines.append(f'prompt_snake_shim_gauge{{name="{_esc(name)}",key="{_esc(key)}"}} {value}')
-        lines += ["# HELP prompt_snake_shim_latency_seconds Latency quantiles over the latest samples.",
-                  "# TYPE prompt_snake_shim_latency_seconds summary"]
+        lines += [
+            "# HELP prompt_snake_shim_latency_seconds Latency quantiles over the latest samples.",
+            "# TYPE prompt_snake_shim_latency_seconds summary",
+        ]
         for name, stats in snap["latencies"].items():
             for quantile, key in (("0.5", "p50_s"), ("0.95", "p95_s")):
                 if stats[key] is not None:
-                    lines.append(f'prompt_snake_shim_latency_seconds{{name="{_esc(name)}",'
-                                 f'quantile="{quantile}"}} {stats[key]}')
+                    lines.append(
+                        f'prompt_snake_shim_latency_seconds{{name="{_esc(name)}",quantile="{quantile}"}} {stats[key]}'
+                    )
             lines.append(f'prompt_snake_shim_latency_seconds_count{{name="{_esc(name)}"}} {stats["count"]}')
         lines.append(f"prompt_snake_shim_uptime_seconds {snap['uptime_s']}")
         return "\n".join(lines) + "\n"
@@ -184,8 +238,8 @@ class StatusServer:
                 elif self.path.startswith("/status"):
                     body, kind = json.dumps(shim_status.snapshot(), indent=1).encode(), "application/json"
                 elif self.path.startswith("/healthz"):
-                    healthy = shim_status.state in ("running", "draining")
-                    body, kind = shim_status.state.encode(), "text/plain"
+                    healthy, text = shim_status.health()
+                    body, kind = text.encode(), "text/plain"
                     if not healthy:
                         self.send_response(503)
                         self._finish(body, kind)

@@ -9,7 +9,13 @@
 - outcome: every ``poll_s`` it looks for the outcome files of the targets in
   flight, and records submit-to-outcome latency; a target whose run ended (or
   whose job Snakemake reported failed) without an outcome file is failed as
-  ``NoOutcome`` after a short delay.
+  ``NoOutcome`` after a short delay;
+- retry (`stream_shim.retry_policy.RetryPolicy`): a target failed retriably, or
+  without an outcome, stays in flight and is submitted again after a back-off,
+  its stale ``failed.json`` removed first; each retry is counted
+  (``retries``/<error class>) and logged; after the last attempt the failure
+  stands.  Retries go to ``retry_backend`` when there is one (the streaming
+  design: its long-lived Snakemake never reruns a job that failed in it).
 """
 
 from __future__ import annotations
@@ -22,13 +28,13 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-from workflow.target import TargetPaths
-
-from .backends import Backend, Batch
-from .status import ShimStatus
-from .target_store import LocalStore, TargetStore
+from stream_shim.backends import Backend, Batch
+from stream_shim.retry_policy import NO_OUTCOME, RetryPolicy
+from stream_shim.status import ShimStatus
+from stream_shim.target_store import LocalStore, TargetStore
+from workflow.stages.records import FailedRecord, RecordVersionError, failed_from_dict
+from workflow.stages.target import TargetPaths
 
 _log = logging.getLogger(__name__)
 
@@ -55,9 +61,22 @@ class SubmitResult:
 class _InFlight:
     target: str
     batch_id: str
-    submitted: float
+    submitted: float  # wall time of the latest submission (failed.json mtimes are compared with it)
     ended_at: float | None = None
     reason: str = ""
+    attempt: int = 1
+    first_submitted: float = 0.0
+    ends_pending: int = 0  # runs whose end the backend will still report (an earlier attempt's is stale)
+    retry_at: float | None = None  # monotonic time of the next attempt, while backing off
+    failure: FailedRecord | None = None  # why the last attempt failed, while backing off
+
+    def __post_init__(self) -> None:
+        self.first_submitted = self.first_submitted or self.submitted
+
+
+def _reports_ends(backend: Backend | None) -> bool:
+    """Whether a backend calls ``on_ended`` once per submitted target (not the streaming design)."""
+    return backend is not None and backend.name != "streaming"
 
 
 class Submitter:
@@ -75,17 +94,33 @@ class Submitter:
         Where outcome files are (default: under ``workdir``).
     poll_s : `float`, optional
         How often outcome files are looked for.
+    retry : `stream_shim.retry_policy.RetryPolicy`, optional
+        When failed targets are submitted again (default: never).
+    retry_backend : `stream_shim.backends.Backend`, optional
+        Where retries go (default: ``backend``); started and drained with it.
     """
 
-    def __init__(self, backend: Backend | None, status: ShimStatus, *, workdir: Path,
-                 store: TargetStore | None = None, poll_s: float = 0.5) -> None:
+    def __init__(
+        self,
+        backend: Backend | None,
+        status: ShimStatus,
+        *,
+        workdir: Path,
+        store: TargetStore | None = None,
+        poll_s: float = 0.5,
+        retry: RetryPolicy | None = None,
+        retry_backend: Backend | None = None,
+    ) -> None:
         self.backend: Backend | None
         self.backend, self.status, self.workdir, self.poll_s = backend, status, Path(workdir), poll_s
         self.store: TargetStore = store if store is not None else LocalStore(self.workdir)
+        self.retry = retry if retry is not None else RetryPolicy(max_attempts=1)
+        self.retry_backend = retry_backend
         self._lock = threading.Lock()
         self._flight: dict[str, _InFlight] = {}
         self._by_key: dict[tuple[str, str, str, int], str] = {}
-        self._totals = {"submitted": 0, "done": 0, "failed": 0}
+        self._totals = {"submitted": 0, "done": 0, "failed": 0, "retried": 0}
+        self._draining = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._monitor, name="outcomes", daemon=True)
         status.gauge("targets", self.gauges)
@@ -97,12 +132,25 @@ class Submitter:
         if self.backend is None:
             raise RuntimeError("Submitter.start: no backend set")
         self.backend.start(self._ended, self._job_error)
+        if self.retry_backend is not None:
+            self.retry_backend.start(self._ended, self._job_error)
         self._thread.start()
 
     def drain(self, grace_s: float, term_wait_s: float) -> None:
-        """Let the backend finish within ``grace_s`` (then stop it); record the last outcomes."""
+        """Let the backends finish within ``grace_s`` (then stop them); record the last outcomes.
+
+        No retry starts once draining: a failure waiting for its retry stands.
+        """
+        self._draining.set()
+        lane = None
+        if self.retry_backend is not None:
+            retry_backend = self.retry_backend
+            lane = threading.Thread(target=retry_backend.drain, args=(grace_s, term_wait_s), name="drain-retries")
+            lane.start()
         if self.backend is not None:
             self.backend.drain(grace_s, term_wait_s)
+        if lane is not None:
+            lane.join()
         self._check_outcomes(final=True)
         self._stop.set()
         self._thread.join(timeout=5.0)
@@ -114,7 +162,7 @@ class Submitter:
 
         Parameters
         ----------
-        targets : sequence of `workflow.target.TargetPaths`
+        targets : sequence of `workflow.stages.target.TargetPaths`
             Paths relative to the working directory (``root`` ``.``).
         batch_id : `str`
             Name of the batch (the group id) for logs.
@@ -132,27 +180,43 @@ class Submitter:
                     failed.append(target)
                 else:
                     fresh.append(target)
-                    self._flight[target] = _InFlight(target, batch_id, now)
+                    self._flight[target] = _InFlight(
+                        target, batch_id, now, ends_pending=int(_reports_ends(self.backend))
+                    )
                     self._by_key[target_key(target)] = target
             self._totals["submitted"] += len(fresh)
-        for reason, items in (("submitted", fresh), ("already_done", done), ("already_failed", failed),
-                              ("already_in_flight", flying)):
+        for reason, items in (
+            ("submitted", fresh),
+            ("already_done", done),
+            ("already_failed", failed),
+            ("already_in_flight", flying),
+        ):
             if items:
                 self.status.count("targets", reason, len(items))
         if fresh and self.backend is not None:
             self.backend.submit(Batch(batch_id, tuple(fresh)))
         return SubmitResult(tuple(fresh), tuple(done), tuple(failed), tuple(flying))
 
-    def unfinished(self) -> list[str]:
-        """Return the targets in flight (submitted, no outcome yet)."""
+    def unfinished(self, *, first_attempts_only: bool = False) -> list[str]:
+        """Return the targets in flight (submitted, no outcome yet; retries included).
+
+        Parameters
+        ----------
+        first_attempts_only : `bool`, optional
+            Leave out the targets backing off or retried on ``retry_backend``: what a
+            restarted streaming Snakemake is fed again.
+        """
         with self._lock:
-            return sorted(self._flight)
+            if not first_attempts_only or self.retry_backend is None:
+                return sorted(self._flight)
+            return sorted(t for t, item in self._flight.items() if item.attempt == 1 and item.retry_at is None)
 
     def gauges(self) -> dict[str, int]:
         """Return targets by state, for the status report."""
         with self._lock:
-            processes = self.backend.processes() if self.backend is not None else 0
-            return {"in_flight": len(self._flight), "processes": processes, **self._totals}
+            processes = sum(b.processes() for b in (self.backend, self.retry_backend) if b is not None)
+            retrying = sum(item.retry_at is not None for item in self._flight.values())
+            return {"in_flight": len(self._flight), "backing_off": retrying, "processes": processes, **self._totals}
 
     # -- outcomes -----------------------------------------------------------------------
 
@@ -160,14 +224,24 @@ class Submitter:
         now = time.monotonic()
         with self._lock:
             for target in targets:
-                if target in self._flight and self._flight[target].ended_at is None:
-                    self._flight[target].ended_at, self._flight[target].reason = now, reason
+                item = self._flight.get(target)
+                if item is None:
+                    continue
+                if item.retry_at is not None or item.ends_pending > 1:
+                    item.ends_pending = max(item.ends_pending - 1, 0)  # the end of an earlier attempt's run
+                    continue
+                item.ends_pending = 0
+                if item.ended_at is None:
+                    item.ended_at, item.reason = now, reason
 
     def _job_error(self, key: tuple[str, str, str, int]) -> None:
         with self._lock:
             target = self._by_key.get(key)
-        if target is not None:
-            self._ended([target], "snakemake reported a failed job")
+            item = self._flight.get(target) if target is not None else None
+            if item is None or item.retry_at is not None or (item.attempt > 1 and self.retry_backend is not None):
+                return  # job errors come from the primary (streaming) backend: not this attempt's
+            if item.ended_at is None:
+                item.ended_at, item.reason = time.monotonic(), "snakemake reported a failed job"
 
     def _monitor(self) -> None:
         while not self._stop.wait(self.poll_s):
@@ -177,45 +251,155 @@ class Submitter:
                 _log.exception("outcome check failed")
 
     def _check_outcomes(self, *, final: bool = False) -> None:
+        stopping = final or self._draining.is_set()  # no retry starts
+        now = time.monotonic()
         with self._lock:
             flight = list(self._flight.values())
+        due = []
         for item in flight:
+            if item.retry_at is not None:  # backing off: its last failure stands if the shim stops
+                if stopping and item.failure is not None:
+                    self._finish(item, "failed", item.failure)
+                elif now >= item.retry_at:
+                    due.append(item)
+                continue
             outcome = self._outcome(item, final=final)
             if outcome is None:
                 continue
             state, detail = outcome
-            with self._lock:
-                if self._flight.pop(item.target, None) is None:
-                    continue
-                self._by_key.pop(target_key(item.target), None)
-                self._totals[state] += 1
-            seconds = time.time() - item.submitted
-            self.status.count("targets", state)
-            if state == "failed":
-                self.status.count("failures", str(detail.get("error")))
-            self.status.observe("submit_to_outcome", seconds)
-            instrument, day_obs, group, detector = target_key(item.target)
-            log = _log.info if state == "done" else _log.warning
-            log("target %s: %s in %.1f s%s", item.target, state, seconds,
-                f" ({detail.get('stage')}: {detail.get('error')}: {detail.get('message')})" if state == "failed" else "",
-                extra={"instrument": instrument, "group": group, "detector": detector, "outcome": state,
-                       "seconds": round(seconds, 3), **({"error": detail.get("error"),
-                                                         "retriable": detail.get("retriable")}
-                                                        if state == "failed" else {})})
+            if detail is not None and not stopping and self.retry.should_retry(detail, item.attempt):
+                self._back_off(item, detail)
+            else:
+                self._finish(item, state, detail)
+        if due:
+            self._resubmit(due)
 
-    def _outcome(self, item: _InFlight, *, final: bool) -> tuple[str, dict[str, Any]] | None:
+    def _log_extra(self, item: _InFlight, **fields: object) -> dict[str, object]:
+        instrument, _, group, detector = target_key(item.target)
+        return {"instrument": instrument, "group": group, "detector": detector, "attempt": item.attempt, **fields}
+
+    def _finish(self, item: _InFlight, state: str, detail: FailedRecord | None) -> None:
+        """Record a target's final outcome and stop following it."""
+        with self._lock:
+            if self._flight.pop(item.target, None) is None:
+                return
+            self._by_key.pop(target_key(item.target), None)
+            self._totals[state] += 1
+        seconds = time.time() - item.first_submitted
+        self.status.count("targets", state)
+        if detail is not None:
+            self.status.count("failures", detail.error)
+        self.status.observe("submit_to_outcome", seconds)
+        log = _log.info if detail is None else _log.warning
+        log(
+            "target %s: %s in %.1f s%s%s",
+            item.target,
+            state,
+            seconds,
+            f" after {item.attempt} attempts" if item.attempt > 1 else "",
+            f" ({detail.stage}: {detail.error}: {detail.message})" if detail is not None else "",
+            extra=self._log_extra(
+                item,
+                outcome=state,
+                seconds=round(seconds, 3),
+                **({"error": detail.error, "retriable": detail.retriable} if detail is not None else {}),
+            ),
+        )
+
+    def _back_off(self, item: _InFlight, failure: FailedRecord) -> None:
+        """Keep a retriably failed target in flight; `_resubmit` submits it after the back-off."""
+        delay = self.retry.delay_s(item.attempt)
+        with self._lock:
+            if item.target not in self._flight:
+                return
+            item.retry_at, item.failure = time.monotonic() + delay, failure
+        _log.warning(
+            "target %s: attempt %d of %d failed (%s: %s: %s); retrying in %.1f s",
+            item.target,
+            item.attempt,
+            self.retry.max_attempts,
+            failure.stage,
+            failure.error,
+            failure.message,
+            delay,
+            extra=self._log_extra(item, error=failure.error, retriable=failure.retriable, backoff_s=delay),
+        )
+
+    def _resubmit(self, due: Sequence[_InFlight]) -> None:
+        """Submit targets whose back-off is over, a batch per visit, after removing their stale failed.json."""
+        backend = self.retry_backend if self.retry_backend is not None else self.backend
+        batches: dict[tuple[str, int], list[str]] = {}
+        for item in due:
+            done = Path(item.target)
+            if self.store.exists(done):  # finished meanwhile (e.g. fed again to a restarted Snakemake)
+                with self._lock:
+                    item.retry_at = None
+                continue
+            failure = item.failure
+            assert failure is not None
+            try:
+                self.store.remove(done.with_name("failed.json"))
+            except Exception as exc:  # noqa: BLE001 - cannot retry: the failure stands
+                _log.error("target %s: cannot remove the stale failed.json, not retrying: %s", item.target, exc)
+                self._finish(item, "failed", failure)
+                continue
+            with self._lock:
+                if item.target not in self._flight:
+                    continue
+                item.attempt += 1
+                item.retry_at, item.failure, item.ended_at, item.reason = None, None, None, ""
+                item.submitted = time.time()
+                item.ends_pending += int(_reports_ends(backend))
+                self._totals["retried"] += 1
+            self.status.count("retries", failure.error)
+            _log.info(
+                "target %s: attempt %d of %d submitted (after %s)",
+                item.target,
+                item.attempt,
+                self.retry.max_attempts,
+                failure.error,
+                extra=self._log_extra(item, error=failure.error),
+            )
+            batches.setdefault((item.batch_id, item.attempt), []).append(item.target)
+        if backend is None:
+            return
+        for (batch_id, attempt), targets in batches.items():
+            backend.submit(Batch(f"{batch_id}-attempt{attempt}", tuple(targets)))
+
+    def _outcome(self, item: _InFlight, *, final: bool) -> tuple[str, FailedRecord | None] | None:
         """``("done"|"failed", detail)`` if the target has an outcome now, else `None`."""
         done = Path(item.target)
         failed = done.with_name("failed.json")
         if self.store.exists(done):
-            return "done", {}
+            return "done", None
         failed_at = self.store.mtime(failed)
         if failed_at is not None and failed_at >= item.submitted - 1.0:
             try:
-                return "failed", self.store.read_json(failed)
+                return "failed", failed_from_dict(self.store.read_json(failed), str(failed))
+            except RecordVersionError as exc:  # written by another version: failed, and say why
+                instrument, day_obs, group, detector = target_key(item.target)
+                return "failed", FailedRecord(
+                    error=type(exc).__name__,
+                    retriable=False,
+                    stage="snakemake",
+                    message=str(exc),
+                    instrument=instrument,
+                    day_obs=day_obs,
+                    group=group,
+                    detector=detector,
+                )
             except (OSError, ValueError):
                 pass  # being replaced: read it next time
         if item.ended_at is not None and (final or time.monotonic() - item.ended_at > _NO_OUTCOME_DELAY_S):
-            return "failed", {"error": "NoOutcome", "retriable": None, "stage": "snakemake",
-                              "message": f"run ended ({item.reason}) without done.json or failed.json"}
+            instrument, day_obs, group, detector = target_key(item.target)
+            return "failed", FailedRecord(
+                error=NO_OUTCOME,
+                retriable=None,
+                stage="snakemake",
+                message=f"run ended ({item.reason}) without done.json or failed.json",
+                instrument=instrument,
+                day_obs=day_obs,
+                group=group,
+                detector=detector,
+            )
         return None

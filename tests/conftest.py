@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from stream_shim.local_services import KafkaBroker, PostgresServer, S3Server
+from stream_shim.testbed.local_services import KafkaBroker, PostgresServer, S3Server
 
 FILER_TOPIC = "seaweedfs-filer-events"
 """Kafka topic the `s3_server` fixture's filer publishes object events to."""

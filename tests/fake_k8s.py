@@ -43,7 +43,7 @@ from types import TracebackType
 from typing import Any, Literal, Self
 from urllib.parse import parse_qs, urlsplit
 
-from stream_shim.local_services import free_port
+from stream_shim.testbed.local_services import free_port
 
 PodMode = Literal["run", "fail"]
 """What the fake does with a Job's pod: run its command here, or fail it at once."""
@@ -100,8 +100,15 @@ def _now() -> str:
 
 def _status(code: int, reason: str = "", message: str = "") -> dict[str, Any]:
     ok = code < 400
-    return {"apiVersion": "v1", "kind": "Status", "metadata": {}, "code": code,
-            "status": "Success" if ok else "Failure", "reason": reason, "message": message}
+    return {
+        "apiVersion": "v1",
+        "kind": "Status",
+        "metadata": {},
+        "code": code,
+        "status": "Success" if ok else "Failure",
+        "reason": reason,
+        "message": message,
+    }
 
 
 class FakeKubernetes:
@@ -137,8 +144,13 @@ class FakeKubernetes:
     """
 
     def __init__(
-        self, root: Path, *, namespaces: tuple[str, ...] = ("default",), pod_mode: PodMode = "run",
-        pod_env: Mapping[str, str] | None = None, pod_timeout: float = 120.0,
+        self,
+        root: Path,
+        *,
+        namespaces: tuple[str, ...] = ("default",),
+        pod_mode: PodMode = "run",
+        pod_env: Mapping[str, str] | None = None,
+        pod_timeout: float = 120.0,
     ) -> None:
         self.root = Path(root)
         self.pod_mode = pod_mode
@@ -194,7 +206,9 @@ class FakeKubernetes:
             The file written.
         """
         config = {
-            "apiVersion": "v1", "kind": "Config", "current-context": "fake",
+            "apiVersion": "v1",
+            "kind": "Config",
+            "current-context": "fake",
             "clusters": [{"name": "fake", "cluster": {"server": self.url}}],
             "users": [{"name": "fake", "user": {"token": "not-a-real-token"}}],
             "contexts": [{"name": "fake", "context": {"cluster": "fake", "user": "fake", "namespace": namespace}}],
@@ -278,8 +292,12 @@ class FakeKubernetes:
         name = body["metadata"]["name"]
         if (ns, name) in self._live_secrets:
             raise ApiError(409, "AlreadyExists", f'secrets "{name}" already exists')
-        secret = {**body, "apiVersion": "v1", "kind": "Secret",
-                  "metadata": {**body["metadata"], "namespace": ns, "uid": str(uuid.uuid4())}}
+        secret = {
+            **body,
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {**body["metadata"], "namespace": ns, "uid": str(uuid.uuid4())},
+        }
         self._live_secrets[ns, name] = secret
         self.secrets.append(json.loads(json.dumps(body)))
         return 201, secret
@@ -301,10 +319,13 @@ class FakeKubernetes:
         if (ns, name) in self._live_jobs:
             raise ApiError(409, "AlreadyExists", f'jobs.batch "{name}" already exists')
         self.jobs.append(json.loads(json.dumps(body)))
-        job = {**body, "apiVersion": "batch/v1", "kind": "Job",
-               "metadata": {**body["metadata"], "namespace": ns, "uid": str(uuid.uuid4()),
-                            "creationTimestamp": _now()},
-               "status": {"active": 1, "startTime": _now()}}
+        job = {
+            **body,
+            "apiVersion": "batch/v1",
+            "kind": "Job",
+            "metadata": {**body["metadata"], "namespace": ns, "uid": str(uuid.uuid4()), "creationTimestamp": _now()},
+            "status": {"active": 1, "startTime": _now()},
+        }
         self._live_jobs[ns, name] = job
         pod_dir = self.root / name
         pod = PodRun(f"{name}-{uuid.uuid4().hex[:5]}", name, ns, pod_dir / "workdir", pod_dir / "pod.log")
@@ -345,19 +366,42 @@ class FakeKubernetes:
             phase, state = "Running", {"running": {"startedAt": _now()}}
         else:
             phase = "Succeeded" if pod.exit_code == 0 else "Failed"
-            state = {"terminated": {"exitCode": pod.exit_code, "reason": "Completed" if pod.exit_code == 0
-                                    else "Error", "finishedAt": _now()}}
-        statuses = [{"name": c["name"], "image": c.get("image", ""), "imageID": "", "ready": pod.exit_code is None,
-                     "restartCount": 0, "state": state} for c in spec["containers"]]
-        return {"apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": {"job-name": pod.job}},
-                "spec": spec, "status": {"phase": phase, "containerStatuses": statuses}}
+            state = {
+                "terminated": {
+                    "exitCode": pod.exit_code,
+                    "reason": "Completed" if pod.exit_code == 0 else "Error",
+                    "finishedAt": _now(),
+                }
+            }
+        statuses = [
+            {
+                "name": c["name"],
+                "image": c.get("image", ""),
+                "imageID": "",
+                "ready": pod.exit_code is None,
+                "restartCount": 0,
+                "state": state,
+            }
+            for c in spec["containers"]
+        ]
+        return {
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {"name": pod.name, "namespace": pod.namespace, "labels": {"job-name": pod.job}},
+            "spec": spec,
+            "status": {"phase": phase, "containerStatuses": statuses},
+        }
 
     def _list_pods(self, ns: str, query: dict[str, str], **_: Any) -> tuple[int, Any]:
         wanted = dict(part.split("=", 1) for part in query.get("labelSelector", "").split(",") if "=" in part)
-        items = [self._pod_object(pod) for pod in self.pods.values()
-                 if pod.namespace == ns and not pod.deleted and (ns, pod.job) in self._live_jobs
-                 and all({"job-name": pod.job}.get(k) == v for k, v in wanted.items())]
+        items = [
+            self._pod_object(pod)
+            for pod in self.pods.values()
+            if pod.namespace == ns
+            and not pod.deleted
+            and (ns, pod.job) in self._live_jobs
+            and all({"job-name": pod.job}.get(k) == v for k, v in wanted.items())
+        ]
         return 200, {"apiVersion": "v1", "kind": "PodList", "metadata": {}, "items": items}
 
     def _find_pod(self, ns: str, name: str) -> PodRun:
@@ -401,16 +445,26 @@ class FakeKubernetes:
         container = job["spec"]["template"]["spec"]["containers"][0]
         with self._lock:
             try:
-                pod.env = {**self.pod_env, "HOME": str(pod.workdir.parent),
-                           **self._container_env(pod.namespace, container)}
+                pod.env = {
+                    **self.pod_env,
+                    "HOME": str(pod.workdir.parent),
+                    **self._container_env(pod.namespace, container),
+                }
             except RuntimeError as exc:
                 pod.log_path.write_text(f"{exc}\n")
                 self._finish(pod, 1)
                 return
         command = [*(container.get("command") or []), *(container.get("args") or [])]
         with open(pod.log_path, "wb") as log:
-            process = subprocess.Popen(command, cwd=pod.workdir, env=pod.env, stdout=log, stderr=subprocess.STDOUT,
-                                       stdin=subprocess.DEVNULL, start_new_session=True)
+            process = subprocess.Popen(
+                command,
+                cwd=pod.workdir,
+                env=pod.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
             pod.process = process
             try:
                 code = process.wait(timeout=self.pod_timeout)
@@ -424,8 +478,11 @@ class FakeKubernetes:
         pod.exit_code = code
         job = self._live_jobs.get((pod.namespace, pod.job))
         if job is not None:
-            job["status"] = {"startTime": job["status"].get("startTime"), "completionTime": _now(),
-                             "succeeded" if code == 0 else "failed": 1}
+            job["status"] = {
+                "startTime": job["status"].get("startTime"),
+                "completionTime": _now(),
+                "succeeded" if code == 0 else "failed": 1,
+            }
 
     def _kill(self, pod: PodRun) -> None:
         if pod.process is not None and pod.process.poll() is None:

@@ -8,26 +8,57 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from workflow.exposures import exposure_from_visit
-from workflow.instrument import Instrument
-from workflow.raw_keys import RawKeyLayout, sidecar_key
-from workflow.simulate import simulate_raw
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.core.instrument import Instrument
+from workflow.core.raw_keys import RawKeyLayout, sidecar_key
+from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.sim.exposures import exposure_from_visit
+from workflow.sim.simulate import simulate_raw
 
 
-def make_visit(instrument: str, group: str, filters: str, *, snd_stamp: float, angle: float = 0.0,
-               ra: float = 150.1, dec: float = 2.2, duration: float = 30.0) -> NextVisit:
+def make_visit(
+    instrument: str,
+    group: str,
+    filters: str,
+    *,
+    snd_stamp: float,
+    angle: float = 0.0,
+    ra: float = 150.1,
+    dec: float = 2.2,
+    duration: float = 30.0,
+) -> NextVisit:
     """Return a next_visit message with test defaults (the demo field, ICRS, SKY)."""
     return NextVisit(
-        salIndex=1, scriptSalIndex=1, instrument=instrument, groupId=group,
-        coordinateSystem=CoordSys.ICRS, position=[ra, dec], startTime=snd_stamp, rotationSystem=RotSys.SKY,
-        cameraAngle=angle, filters=filters, dome=Dome.OPEN, duration=duration, nimages=1, survey="test",
-        totalCheckpoints=0, private_sndStamp=snd_stamp,
+        salIndex=1,
+        scriptSalIndex=1,
+        instrument=instrument,
+        groupId=group,
+        coordinateSystem=CoordSys.ICRS,
+        position=[ra, dec],
+        startTime=snd_stamp,
+        rotationSystem=RotSys.SKY,
+        cameraAngle=angle,
+        filters=filters,
+        dome=Dome.OPEN,
+        duration=duration,
+        nimages=1,
+        survey="test",
+        totalCheckpoints=0,
+        private_sndStamp=snd_stamp,
     )
 
 
-def upload_raw(bucket: Any, config: dict, instrument: Instrument, visit: NextVisit, detector: int, *,
-               corrupt: bool = False, rotation_deg: float | None = None, seq_num: int = 7, seed: int = 0) -> str:
+def upload_raw(
+    bucket: Any,
+    config: dict,
+    instrument: Instrument,
+    visit: NextVisit,
+    detector: int,
+    *,
+    corrupt: bool = False,
+    rotation_deg: float | None = None,
+    seq_num: int = 7,
+    seed: int = 0,
+) -> str:
     """Simulate ``detector``'s raw for ``visit``, upload it (and its sidecar); return the key.
 
     ``corrupt`` uploads only the first third of the file (a truncated raw).
@@ -38,9 +69,16 @@ def upload_raw(bucket: Any, config: dict, instrument: Instrument, visit: NextVis
     raw = simulate_raw(instrument, detector, exposure, seed=seed)
     det = instrument.detector(detector)
     key = RawKeyLayout.from_config(config).format(
-        instrument=instrument.name, day_obs=str(exposure.day_obs), obs_id=exposure.obs_id, detector=det.id,
-        detector_name=det.name, group=exposure.group_id, snap=exposure.snap, exposure=exposure.exposure_id,
-        physical_filter=exposure.physical_filter)
+        instrument=instrument.name,
+        day_obs=str(exposure.day_obs),
+        obs_id=exposure.obs_id,
+        detector=det.id,
+        detector_name=det.name,
+        group=exposure.group_id,
+        snap=exposure.snap,
+        exposure=exposure.exposure_id,
+        physical_filter=exposure.physical_filter,
+    )
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "raw.fits"
         raw.write(path)

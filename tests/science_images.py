@@ -4,9 +4,9 @@ Two sources.  `make_scene` and friends: stars are pixel-integrated circular
 Gaussians drawn from a synthetic reference catalogue; images carry sky,
 Poisson-like Gaussian noise and read noise; plain numpy/astropy, independent
 of the project's simulator.  `simulate_detector_visit`: one detector-visit
-from the project simulator (`workflow.simulate`, `workflow.templates`,
-`workflow.calibs`, `workflow.refcat`) turned into `ProcessingInputs` by
-`workflow.science_run.build_processing_inputs`, with its truth; `wcs_error_mas`
+from the project simulator (`workflow.sim.simulate`, `workflow.sim.templates`,
+`workflow.sim.calibs`, `workflow.sim.refcat`) turned into `ProcessingInputs` by
+`workflow.stages.pipeline.build_processing_inputs`, with its truth; `wcs_error_mas`
 and `true_zero_point` compare results with that truth.
 """
 
@@ -19,7 +19,7 @@ import pandas as pd
 from astropy.wcs import WCS
 from scipy.special import erf
 
-from workflow.isr import AmpGeometry, Box
+from workflow.science.isr import AmpGeometry, Box
 
 ZP = 31.0
 """Default zero point: AB magnitude of one electron."""
@@ -83,7 +83,7 @@ def render(shape: tuple[int, int], x, y, flux, fwhm: float) -> np.ndarray:  # no
     image = np.zeros(shape, dtype=np.float64)
     sigma = fwhm / 2.3548
     half = int(np.ceil(5 * sigma)) + 1
-    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux)):
+    for xi, yi, fi in zip(np.atleast_1d(x), np.atleast_1d(y), np.atleast_1d(flux), strict=False):
         ix, iy = int(np.rint(xi)), int(np.rint(yi))
         x0, x1 = max(ix - half, 0), min(ix + half + 1, shape[1])
         y0, y1 = max(iy - half, 0), min(iy + half + 1, shape[0])
@@ -238,7 +238,7 @@ def make_scene(
     side.  ``inject_snr`` adds point sources at those PSF S/N to the science
     image only (truth in ``injected``, with ``x``, ``y``, ``flux_njy``).
     """
-    from workflow.template_warp import TemplatePatch
+    from workflow.science.template_warp import TemplatePatch
 
     wcs = make_wcs(shape)
     refcat = make_refcat(wcs, shape, density=density, seed=seed, band=band)
@@ -280,10 +280,10 @@ class SimulatedVisit:
 
 
 def _template_box(patch, region):  # noqa: ANN001, ANN202
-    """Tract-pixel box of ``patch`` covering a sky polygon (as `workflow.central_repo.simulated_template`)."""
+    """Tract-pixel box of ``patch`` covering a sky polygon (as `workflow.repo.central_repo.simulated_template`)."""
     import lsst.sphgeom as sphgeom
 
-    from workflow.amplifiers import Box as TractBox
+    from workflow.core.amplifiers import Box as TractBox
 
     points = [sphgeom.LonLat(v) for v in region.getVertices()]
     ra = np.array([p.getLon().asDegrees() for p in points])
@@ -295,38 +295,56 @@ def _template_box(patch, region):  # noqa: ANN001, ANN202
         max(outer.y0, outer.y0 + int(np.floor(y.min()))),
         min(outer.x1, outer.x0 + int(np.ceil(x.max())) + 1),
         min(outer.y1, outer.y0 + int(np.ceil(y.max())) + 1),
-    )  # fmt: skip
+    )
 
 
 def simulate_detector_visit(
-    *, instrument: str = "LSSTComCamSim", scale: float = 0.125, detector: int = 4, seed: int = 1,
-    sky=None, options=None, field: tuple[float, float] = (150.1, 2.2), rotation_deg: float = 0.0,
-    physical_filter: str | None = None, start: str = "2025-02-01T03:00:00", templates: bool = True,
-    refcat: bool = True, padding_arcsec: float = 20.0,
-) -> SimulatedVisit:  # noqa: ANN001  # fmt: skip
+    *,
+    instrument: str = "LSSTComCamSim",
+    scale: float = 0.125,
+    detector: int = 4,
+    seed: int = 1,
+    sky=None,
+    options=None,
+    field: tuple[float, float] = (150.1, 2.2),
+    rotation_deg: float = 0.0,
+    physical_filter: str | None = None,
+    start: str = "2025-02-01T03:00:00",
+    templates: bool = True,
+    refcat: bool = True,
+    padding_arcsec: float = 20.0,
+) -> SimulatedVisit:  # noqa: ANN001
     """Simulate raw, calibs, refcat and templates of one detector-visit (no Butler).
 
-    ``sky`` (`workflow.sky_model.SkyModel`) and ``options`` (`workflow.simulate.SimOptions`)
+    ``sky`` (`workflow.sim.sky_model.SkyModel`) and ``options`` (`workflow.sim.simulate.SimOptions`)
     are passed to the simulator; templates are rendered from the same sky.
     """
-    from workflow.calibs import make_bias, make_defects, make_flat
-    from workflow.config import load_config
-    from workflow.exposures import make_exposures
-    from workflow.instrument import Instrument
-    from workflow.refcat import load_refcat
-    from workflow.science_run import build_processing_inputs, template_patch
-    from workflow.simulate import simulate_raw
-    from workflow.sky_model import SkyModel
-    from workflow.skymap import RingsSkyMap
-    from workflow.templates import make_template
+    from workflow.core.config import load_config
+    from workflow.core.instrument import Instrument
+    from workflow.core.skymap import RingsSkyMap
+    from workflow.sim.calibs import make_bias, make_defects, make_flat
+    from workflow.sim.exposures import make_exposures
+    from workflow.sim.refcat import load_refcat
+    from workflow.sim.simulate import simulate_raw
+    from workflow.sim.sky_model import SkyModel
+    from workflow.sim.templates import make_template
+    from workflow.stages.pipeline import build_processing_inputs, template_patch
 
     config = load_config(instrument=instrument)
     inst = Instrument.from_config(config, scale=scale)
     sky = sky or SkyModel(seed=seed)
     physical_filter = physical_filter or next(f for f, b in inst.filters.items() if b == "r")
     band = inst.band(physical_filter)
-    exposure = make_exposures(inst, start=start, seq_num=1, ra=field[0], dec=field[1],
-                              rotation_deg=rotation_deg, physical_filter=physical_filter, n_snaps=1)[0]
+    exposure = make_exposures(
+        inst,
+        start=start,
+        seq_num=1,
+        ra=field[0],
+        dec=field[1],
+        rotation_deg=rotation_deg,
+        physical_filter=physical_filter,
+        n_snaps=1,
+    )[0]
     raw = simulate_raw(inst, detector, exposure, seed=seed, sky=sky, options=options)
     region = inst.detector_region(detector, field[0], field[1], rotation_deg, padding_arcsec=padding_arcsec)
     made, patches = [], []
@@ -335,15 +353,24 @@ def simulate_detector_visit(
         for patch in skymap.patches_overlapping(region):
             box = _template_box(patch, region)
             made.append(make_template(skymap, patch, band, seed=seed, sky=sky, bbox=box))
-            patches.append(template_patch(made[-1].image, made[-1].variance, made[-1].header,
-                                          name=f"tract {patch.tract} patch {patch.id}"))
+            patches.append(
+                template_patch(
+                    made[-1].image, made[-1].variance, made[-1].header, name=f"tract {patch.tract} patch {patch.id}"
+                )
+            )
     bias = make_bias(inst, detector, seed=seed)
     inputs = build_processing_inputs(
-        [raw], inst.geometry, detector=detector, band=band, bias=bias.image, bias_unit=bias.header["BUNIT"],
+        [raw],
+        inst.geometry,
+        detector=detector,
+        band=band,
+        bias=bias.image,
+        bias_unit=bias.header["BUNIT"],
         flat=make_flat(inst, detector, physical_filter, seed=seed).image,
         defects=make_defects(inst, detector, seed=seed),
-        refcat=[load_refcat(region, model=sky.refcat_model())] if refcat else [], templates=patches,
-    )  # fmt: skip
+        refcat=[load_refcat(region, model=sky.refcat_model())] if refcat else [],
+        templates=patches,
+    )
     return SimulatedVisit(inputs=inputs, raw=raw, templates=made, instrument=inst, seed=seed, band=band)
 
 
@@ -357,5 +384,5 @@ def wcs_error_mas(fitted: WCS, truth: WCS, shape: tuple[int, int], step: int = 3
 
 
 def true_zero_point(raw) -> float:  # noqa: ANN001
-    """Return the AB magnitude of one post-ISR electron of a `workflow.simulate.SimulatedRaw`."""
+    """Return the AB magnitude of one post-ISR electron of a `workflow.sim.simulate.SimulatedRaw`."""
     return float(31.4 + 2.5 * np.log10(raw.truth.meta["e_per_nJy"]))

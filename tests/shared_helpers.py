@@ -7,14 +7,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from workflow.config import PROJECT_ROOT
+from workflow.core.config import PROJECT_ROOT
 
 
 def copy_workflow(dest: Path) -> Path:
-    """Copy the real workflow sources (Snakefile, rules/, scripts/, config/: what Snakemake ships to pods)."""
+    """Copy the real workflow sources (Snakefile, rules/, scripts/, config/, envs/: what Snakemake ships to pods)."""
     dest.mkdir(parents=True)
     shutil.copy2(PROJECT_ROOT / "Snakefile", dest / "Snakefile")
-    for name in ("rules", "scripts", "config"):
+    for name in ("rules", "scripts", "config", "envs"):
         shutil.copytree(PROJECT_ROOT / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
     return dest
 

@@ -1,4 +1,4 @@
-"""Tests for `workflow.alerts`: packets round-trip through a real broker and Avro files."""
+"""Tests for `workflow.apdb.alerts`: packets round-trip through a real broker and Avro files."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from lsst.alert.packet import Schema, get_latest_schema_version, get_schema_path
 from lsst.dax.apdb import Apdb
 
-from stream_shim.local_services import KafkaBroker, free_port
-from workflow.alerts import (
+from stream_shim.testbed.local_services import KafkaBroker, free_port
+from workflow.apdb.alerts import (
     SCHEMA_ID,
     SCHEMA_VERSION,
     AlertBuildError,
@@ -35,10 +35,11 @@ from workflow.alerts import (
     make_alert_sink,
     serialize_alert,
 )
-from workflow.alert_outbox import AlertOutbox
-from workflow.apdb import create_apdb, open_apdb, preload
-from workflow.association import associate_store_alert, padded_region
-from workflow.exceptions import RetriableError
+from workflow.apdb.association import padded_region
+from workflow.apdb.load import associate_store_alert
+from workflow.apdb.outbox import AlertOutbox
+from workflow.apdb.store import create_apdb, open_apdb, preload
+from workflow.core.exceptions import RetriableError
 
 RA, DEC, DETECTOR = 30.0, -10.0, 9
 SHAPE = (400, 400)
@@ -57,13 +58,30 @@ def _sources(visit: int, mjd: float, rng: np.random.Generator, n: int = 6) -> pd
     x = np.r_[199.5 + rng.normal(0, 0.2), rng.uniform(5, 395, n - 1)]
     y = np.r_[199.5 + rng.normal(0, 0.2), rng.uniform(5, 395, n - 1)]
     ra, dec = _wcs().all_pix2world(x, y, 0)
-    return pd.DataFrame({
-        "diaSourceId": (np.int64(visit) << 22) | (np.int64(DETECTOR) << 14) | np.arange(n, dtype=np.int64),
-        "visit": visit, "detector": DETECTOR, "midpointMjdTai": mjd, "ra": ra, "dec": dec,
-        "x": x.astype(np.float32), "y": y.astype(np.float32), "psfFlux": 800.0, "psfFluxErr": 30.0, "snr": 26.0,
-        "psfNdata": 20, "trailNdata": 0, "dipoleNdata": 0, "timeProcessedMjdTai": mjd + 0.001, "bboxSize": 15,
-        "band": "g", "isDipole": False, "pixelFlags_bad": False, "reliability": np.float32(0.9),
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "diaSourceId": (np.int64(visit) << 22) | (np.int64(DETECTOR) << 14) | np.arange(n, dtype=np.int64),
+            "visit": visit,
+            "detector": DETECTOR,
+            "midpointMjdTai": mjd,
+            "ra": ra,
+            "dec": dec,
+            "x": x.astype(np.float32),
+            "y": y.astype(np.float32),
+            "psfFlux": 800.0,
+            "psfFluxErr": 30.0,
+            "snr": 26.0,
+            "psfNdata": 20,
+            "trailNdata": 0,
+            "dipoleNdata": 0,
+            "timeProcessedMjdTai": mjd + 0.001,
+            "bboxSize": 15,
+            "band": "g",
+            "isDipole": False,
+            "pixelFlags_bad": False,
+            "reliability": np.float32(0.9),
+        }
+    )
 
 
 def _cutouts(seed: int) -> dict[str, CutoutMaker]:
@@ -84,10 +102,18 @@ def apdb(tmp_path: Path) -> Apdb:
 
 def _visit(apdb: Apdb, visit: int, k: int, sink: object | None, outbox: AlertOutbox | None = None) -> object:
     region = padded_region([RA - 0.02, RA + 0.02], [DEC - 0.02, DEC + 0.02], 50.0)
-    return associate_store_alert(apdb, _sources(visit, 60100.0 + k, np.random.default_rng(visit)),
-                                 preload(apdb, region, _tai(60100.0 + k)), visit=visit, detector=DETECTOR,
-                                 visit_time=_tai(60100.0 + k), radius_arcsec=1.0, sink=sink,
-                                 cutouts=_cutouts(visit), outbox=outbox)  # fmt: skip
+    return associate_store_alert(
+        apdb,
+        _sources(visit, 60100.0 + k, np.random.default_rng(visit)),
+        preload(apdb, region, _tai(60100.0 + k)),
+        visit=visit,
+        detector=DETECTOR,
+        visit_time=_tai(60100.0 + k),
+        radius_arcsec=1.0,
+        sink=sink,
+        cutouts=_cutouts(visit),
+        outbox=outbox,
+    )
 
 
 def _topic(broker: KafkaBroker) -> str:
@@ -99,10 +125,16 @@ def _topic(broker: KafkaBroker) -> str:
 
 
 def _consume(broker: KafkaBroker, topic: str, count: int) -> list[bytes]:
-    consumer = Consumer({
-        "bootstrap.servers": broker.bootstrap, "group.id": f"test-{uuid.uuid4().hex}", "enable.auto.commit": False,
-        "auto.offset.reset": "earliest", "session.timeout.ms": 2000, "heartbeat.interval.ms": 500,
-    })  # fmt: skip
+    consumer = Consumer(
+        {
+            "bootstrap.servers": broker.bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "enable.auto.commit": False,
+            "auto.offset.reset": "earliest",
+            "session.timeout.ms": 2000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     got: list[bytes] = []
     deadline = time.monotonic() + WAIT
@@ -125,7 +157,7 @@ def _poll(consumer: Consumer, seconds: float) -> list[bytes]:
 
 
 class TestSchema:
-    """Tests for the pinned schema of `workflow.alerts`."""
+    """Tests for the pinned schema of `workflow.apdb.alerts`."""
 
     def test_pinned_latest_installed(self) -> None:
         assert SCHEMA_VERSION == get_latest_schema_version() == (11, 1)
@@ -149,14 +181,17 @@ class TestSchema:
 
 
 class TestKafka:
-    """Tests for `workflow.alerts.KafkaAlertSink` through a real broker."""
+    """Tests for `workflow.apdb.alerts.KafkaAlertSink` through a real broker."""
 
     def test_round_trip(self, apdb: Apdb, kafka_broker: KafkaBroker) -> None:
         topic = _topic(kafka_broker)
         for k, visit in enumerate((11, 12)):
             assert _visit(apdb, visit, k, None).store.stored
-        sink = make_alert_sink({"kafka": {"bootstrap": kafka_broker.bootstrap}, "kafka_topics": {"alerts": topic}},
-                               "unused.avro", timeout_s=WAIT)  # fmt: skip
+        sink = make_alert_sink(
+            {"kafka": {"bootstrap": kafka_broker.bootstrap}, "kafka_topics": {"alerts": topic}},
+            "unused.avro",
+            timeout_s=WAIT,
+        )
         assert isinstance(sink, KafkaAlertSink)
         result = _visit(apdb, 13, 2, sink)
         assert result.alerts is not None and result.alerts.n_alerts == 6 and result.alerts.schema_version == "11.1"
@@ -206,7 +241,7 @@ class TestKafka:
 
 
 class TestAvroFile:
-    """Tests for `workflow.alerts.AvroFileAlertSink` (no broker configured)."""
+    """Tests for `workflow.apdb.alerts.AvroFileAlertSink` (no broker configured)."""
 
     def test_file_per_detector_visit(self, apdb: Apdb, tmp_path: Path) -> None:
         path = tmp_path / "alerts" / "visit41_det9.avro"
@@ -223,10 +258,13 @@ class TestAvroFile:
 
 
 class TestOutbox:
-    """Tests for `workflow.alert_outbox.AlertOutbox`: alerts survive a broker lost between store and send."""
+    """Tests for `workflow.apdb.outbox.AlertOutbox`: alerts survive a broker lost between store and send."""
 
     def test_broker_lost_after_store_then_retry_sends_once(
-        self, apdb: Apdb, kafka_broker: KafkaBroker, tmp_path: Path,
+        self,
+        apdb: Apdb,
+        kafka_broker: KafkaBroker,
+        tmp_path: Path,
     ) -> None:
         dying = KafkaBroker(tmp_path / "dying-broker")
         dying.start()

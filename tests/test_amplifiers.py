@@ -1,4 +1,4 @@
-"""Tests for `workflow.amplifiers`."""
+"""Tests for `workflow.core.amplifiers`."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import unittest
 
 import numpy as np
 
-from workflow.amplifiers import Box, DetectorGeometry, assemble_image, disassemble_image
-from workflow.config import load_config
-from workflow.exceptions import ConfigError, NonRetriableError
+from workflow.core.amplifiers import Box, DetectorGeometry, assemble_image, disassemble_image
+from workflow.core.config import load_config
+from workflow.core.exceptions import ConfigError, NonRetriableError
 
 
 class GeometryTestCase(unittest.TestCase):

@@ -1,4 +1,4 @@
-"""Tests for `workflow.apdb` against real SQLite and PostgreSQL APDBs (and no Cassandra)."""
+"""Tests for `workflow.apdb.store` against real SQLite and PostgreSQL APDBs (and no Cassandra)."""
 
 from __future__ import annotations
 
@@ -17,8 +17,10 @@ from lsst.dax.apdb import Apdb
 from lsst.dax.apdb.cassandra import ApdbCassandraConfig
 from lsst.dax.apdb.sql import ApdbSqlConfig
 
-from stream_shim.local_services import PostgresServer, free_port
-from workflow.apdb import (
+from stream_shim.testbed.local_services import PostgresServer, free_port
+from workflow.apdb.association import InvalidDiaSourceTable, associate, padded_region
+from workflow.apdb.load import associate_store_alert
+from workflow.apdb.store import (
     ApdbNotFoundError,
     ApdbUnavailableError,
     ApdbVersionError,
@@ -31,8 +33,7 @@ from workflow.apdb import (
     save_preload,
     store_detector_visit,
 )
-from workflow.association import InvalidDiaSourceTable, associate, associate_store_alert, padded_region
-from workflow.exceptions import ConfigError, NonRetriableError, RetriableError
+from workflow.core.exceptions import ConfigError, NonRetriableError, RetriableError
 
 RA, DEC, DETECTOR, RADIUS = 150.0, 2.0, 4, 1.0
 REGION = padded_region([RA - 0.05, RA + 0.05, RA + 0.05, RA - 0.05], [DEC - 0.05] * 2 + [DEC + 0.05] * 2, 50.0)
@@ -42,14 +43,31 @@ def dia_sources(visit: int, mjd: float, rng: np.random.Generator, n: int = 12) -
     """One detector-visit: row 0 is a variable at (RA, DEC) with 0.05" jitter, the rest random."""
     ra = np.r_[RA + rng.normal(0, 0.05 / 3600), RA + rng.uniform(-0.04, 0.04, n - 1)]
     dec = np.r_[DEC + rng.normal(0, 0.05 / 3600), DEC + rng.uniform(-0.04, 0.04, n - 1)]
-    return pd.DataFrame({
-        "diaSourceId": (np.int64(visit) << 22) | (np.int64(DETECTOR) << 14) | np.arange(n, dtype=np.int64),
-        "visit": visit, "detector": DETECTOR, "midpointMjdTai": mjd, "ra": ra, "dec": dec,
-        "x": rng.uniform(0, 4000, n).astype(np.float32), "y": rng.uniform(0, 4000, n).astype(np.float32),
-        "xErr": 0.1, "yErr": 0.1, "psfFlux": np.r_[1000.0 * (1 + visit % 3), rng.normal(500, 20, n - 1)],
-        "psfFluxErr": 20.0, "snr": 25.0, "psfNdata": 30, "trailNdata": 0, "dipoleNdata": 0, "isDipole": False,
-        "timeProcessedMjdTai": mjd + 0.001, "bboxSize": 17, "band": "r", "pixelFlags_bad": False,
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "diaSourceId": (np.int64(visit) << 22) | (np.int64(DETECTOR) << 14) | np.arange(n, dtype=np.int64),
+            "visit": visit,
+            "detector": DETECTOR,
+            "midpointMjdTai": mjd,
+            "ra": ra,
+            "dec": dec,
+            "x": rng.uniform(0, 4000, n).astype(np.float32),
+            "y": rng.uniform(0, 4000, n).astype(np.float32),
+            "xErr": 0.1,
+            "yErr": 0.1,
+            "psfFlux": np.r_[1000.0 * (1 + visit % 3), rng.normal(500, 20, n - 1)],
+            "psfFluxErr": 20.0,
+            "snr": 25.0,
+            "psfNdata": 30,
+            "trailNdata": 0,
+            "dipoleNdata": 0,
+            "isDipole": False,
+            "timeProcessedMjdTai": mjd + 0.001,
+            "bboxSize": 17,
+            "band": "r",
+            "pixelFlags_bad": False,
+        }
+    )
 
 
 def tai(mjd: float) -> astropy.time.Time:
@@ -88,12 +106,19 @@ def _run_visit(apdb: Apdb, visit: int, mjd: float, rng: np.random.Generator, tmp
     paths = tmp_path / f"pre{visit}_obj.parquet", tmp_path / f"pre{visit}_src.parquet"
     save_preload(loaded, *paths)
     staged = load_preload(*paths)
-    return associate_store_alert(apdb, dia_sources(visit, mjd, rng), staged, visit=visit, detector=DETECTOR,
-                                 visit_time=tai(mjd), radius_arcsec=RADIUS)  # fmt: skip
+    return associate_store_alert(
+        apdb,
+        dia_sources(visit, mjd, rng),
+        staged,
+        visit=visit,
+        detector=DETECTOR,
+        visit_time=tai(mjd),
+        radius_arcsec=RADIUS,
+    )
 
 
 class TestStore:
-    """Tests for `workflow.apdb.store_detector_visit` and `workflow.apdb.preload`."""
+    """Tests for `workflow.apdb.store.store_detector_visit` and `workflow.apdb.store.preload`."""
 
     def test_three_visits_one_object(self, apdb_section: dict[str, Any], tmp_path: Path) -> None:
         apdb = open_apdb(apdb_section)
@@ -127,27 +152,31 @@ class TestStore:
         ("change", "message"),
         [
             (lambda t: t.drop(columns=["bboxSize"]), r"visit 301 detector 4: .*'bboxSize'"),
-            (lambda t: t.assign(ra=np.where(np.arange(len(t)) == 3, np.nan, t["ra"])),
-             r"visit 301 detector 4: column 'ra' has 1 null/NaN"),
+            (
+                lambda t: t.assign(ra=np.where(np.arange(len(t)) == 3, np.nan, t["ra"])),
+                r"visit 301 detector 4: column 'ra' has 1 null/NaN",
+            ),
             (lambda t: t.assign(timeProcessedMjdTai=np.nan), r"visit 301 detector 4: column 'timeProcessedMjdTai'"),
         ],
         ids=["missing-column", "nan-ra", "null-required"],
-    )  # fmt: skip
+    )
     def test_bad_table_stores_nothing(self, apdb_section: dict[str, Any], change: Any, message: str) -> None:
         apdb = open_apdb(apdb_section)
         good = dia_sources(301, 60020.0, np.random.default_rng(3))
-        result = associate(good, apdb.getDiaObjects(REGION), pd.DataFrame(), visit=301, detector=DETECTOR,
-                           radius_arcsec=RADIUS)  # fmt: skip
+        result = associate(
+            good, apdb.getDiaObjects(REGION), pd.DataFrame(), visit=301, detector=DETECTOR, radius_arcsec=RADIUS
+        )
         with pytest.raises(InvalidDiaSourceTable, match=message) as info:
-            store_detector_visit(apdb, tai(60020.0), result.objects, change(result.sources), visit=301,
-                                 detector=DETECTOR)  # fmt: skip
+            store_detector_visit(
+                apdb, tai(60020.0), result.objects, change(result.sources), visit=301, detector=DETECTOR
+            )
         assert isinstance(info.value, NonRetriableError)
         assert not apdb.containsVisitDetector(301, DETECTOR)
         assert _count(apdb, "DiaObject") == 0 and _count(apdb, "DiaSource") == 0
 
 
 class TestOpen:
-    """Tests for `workflow.apdb.open_apdb` and `workflow.apdb.create_apdb`."""
+    """Tests for `workflow.apdb.store.open_apdb` and `workflow.apdb.store.create_apdb`."""
 
     @pytest.mark.parametrize(
         ("key", "value", "found"),
@@ -161,7 +190,9 @@ class TestOpen:
 
     def test_check_versions(self) -> None:
         assert check_versions({"version:schema": "10.0.0", "version:ApdbSql": "1.2.1"}, "x") == {
-            "schema": "10.0.0", "ApdbSql": "1.2.1"}  # fmt: skip
+            "schema": "10.0.0",
+            "ApdbSql": "1.2.1",
+        }
         with pytest.raises(ApdbVersionError, match="found no version keys"):
             check_versions({}, "x")
 

@@ -1,4 +1,4 @@
-"""Tests for `workflow.association` and `workflow.dia_objects` (no database)."""
+"""Tests for `workflow.apdb.association` and `workflow.apdb.dia_objects` (no database)."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ import pytest
 from lsst.dax.apdb import ApdbTables
 from lsst.dax.apdb.apdbSchema import ApdbSchema
 
-from workflow.association import (
+from workflow.apdb.association import (
     InvalidDiaSourceTable,
     associate,
     match_sources,
     padded_region,
     validate_dia_sources,
 )
-from workflow.dia_objects import bands_in, new_object_ids, summarize_objects
+from workflow.apdb.dia_objects import bands_in, new_object_ids, summarize_objects
 
 ARCSEC = 1.0 / 3600.0
 
@@ -27,43 +27,75 @@ def object_columns() -> list[str]:
     return [c.name for c in schema.tableSchemas[ApdbTables.DiaObject].columns]
 
 
-def _sources(visit: int, ra: list[float], dec: list[float], *, detector: int = 7, mjd: float = 60000.0,
-             flux: list[float] | None = None, band: str = "r") -> pd.DataFrame:  # fmt: skip
+def _sources(
+    visit: int,
+    ra: list[float],
+    dec: list[float],
+    *,
+    detector: int = 7,
+    mjd: float = 60000.0,
+    flux: list[float] | None = None,
+    band: str = "r",
+) -> pd.DataFrame:
     n = len(ra)
-    return pd.DataFrame({
-        "diaSourceId": (np.int64(visit) << 22) | (np.int64(detector) << 14) | np.arange(n, dtype=np.int64),
-        "visit": visit, "detector": detector, "midpointMjdTai": mjd, "ra": ra, "dec": dec,
-        "raErr": 1e-5, "decErr": 1e-5, "x": np.arange(n, dtype=np.float32), "y": np.arange(n, dtype=np.float32),
-        "psfFlux": flux if flux is not None else [100.0] * n, "psfFluxErr": 10.0, "psfNdata": 25,
-        "trailNdata": 0, "dipoleNdata": 0, "timeProcessedMjdTai": mjd + 0.001, "bboxSize": 15, "band": band,
-    })  # fmt: skip
+    return pd.DataFrame(
+        {
+            "diaSourceId": (np.int64(visit) << 22) | (np.int64(detector) << 14) | np.arange(n, dtype=np.int64),
+            "visit": visit,
+            "detector": detector,
+            "midpointMjdTai": mjd,
+            "ra": ra,
+            "dec": dec,
+            "raErr": 1e-5,
+            "decErr": 1e-5,
+            "x": np.arange(n, dtype=np.float32),
+            "y": np.arange(n, dtype=np.float32),
+            "psfFlux": flux if flux is not None else [100.0] * n,
+            "psfFluxErr": 10.0,
+            "psfNdata": 25,
+            "trailNdata": 0,
+            "dipoleNdata": 0,
+            "timeProcessedMjdTai": mjd + 0.001,
+            "bboxSize": 15,
+            "band": band,
+        }
+    )
 
 
 class TestMatchSources:
-    """Tests for `workflow.association.match_sources`."""
+    """Tests for `workflow.apdb.association.match_sources`."""
 
     def test_nearest_within_radius(self) -> None:
         index, sep = match_sources(
-            np.array([10.0, 10.0 + 5 * ARCSEC]), np.array([0.0, 0.0]),
-            np.array([10.0 + 0.3 * ARCSEC, 20.0]), np.array([0.0, 0.0]), 1.0,
-        )  # fmt: skip
+            np.array([10.0, 10.0 + 5 * ARCSEC]),
+            np.array([0.0, 0.0]),
+            np.array([10.0 + 0.3 * ARCSEC, 20.0]),
+            np.array([0.0, 0.0]),
+            1.0,
+        )
         assert index.tolist() == [0, -1]
         assert sep[0] == pytest.approx(0.3, abs=1e-3) and np.isnan(sep[1])
 
     def test_one_to_one_closest_wins(self) -> None:
         # Two sources near one object: the closer takes it, the other stays unmatched.
         index, _ = match_sources(
-            np.array([10.0 + 0.6 * ARCSEC, 10.0 + 0.2 * ARCSEC]), np.array([0.0, 0.0]),
-            np.array([10.0]), np.array([0.0]), 1.0,
-        )  # fmt: skip
+            np.array([10.0 + 0.6 * ARCSEC, 10.0 + 0.2 * ARCSEC]),
+            np.array([0.0, 0.0]),
+            np.array([10.0]),
+            np.array([0.0]),
+            1.0,
+        )
         assert index.tolist() == [-1, 0]
 
     def test_greedy_prefers_globally_closest_pair(self) -> None:
         # Source 0 is nearest to object 1, source 1 is nearer still to object 1: 0 falls back to object 0.
         index, _ = match_sources(
-            np.array([0.5 * ARCSEC, 0.9 * ARCSEC]), np.array([0.0, 0.0]),
-            np.array([0.0, 0.8 * ARCSEC]), np.array([0.0, 0.0]), 1.0,
-        )  # fmt: skip
+            np.array([0.5 * ARCSEC, 0.9 * ARCSEC]),
+            np.array([0.0, 0.0]),
+            np.array([0.0, 0.8 * ARCSEC]),
+            np.array([0.0, 0.0]),
+            1.0,
+        )
         assert index.tolist() == [0, 1]
 
     def test_ra_wrap_and_empty(self) -> None:
@@ -74,7 +106,7 @@ class TestMatchSources:
 
 
 class TestValidateDiaSources:
-    """Tests for `workflow.association.validate_dia_sources`."""
+    """Tests for `workflow.apdb.association.validate_dia_sources`."""
 
     def test_missing_column_names_detector_visit(self) -> None:
         table = _sources(5, [1.0], [2.0]).drop(columns=["midpointMjdTai"])
@@ -95,7 +127,7 @@ class TestValidateDiaSources:
 
 
 class TestAssociate:
-    """Tests for `workflow.association.associate` and `workflow.dia_objects`."""
+    """Tests for `workflow.apdb.association.associate` and `workflow.apdb.dia_objects`."""
 
     def test_new_objects_take_source_ids(self, object_columns: list[str]) -> None:
         src = _sources(1, [10.0, 10.01], [-5.0, -5.0])
@@ -115,8 +147,9 @@ class TestAssociate:
 
     def test_matched_object_summary(self, object_columns: list[str]) -> None:
         first = _sources(1, [10.0], [-5.0], mjd=60000.0, flux=[100.0])
-        one = associate(first, pd.DataFrame(columns=object_columns), pd.DataFrame(), visit=1, detector=7,
-                        radius_arcsec=1.0)  # fmt: skip
+        one = associate(
+            first, pd.DataFrame(columns=object_columns), pd.DataFrame(), visit=1, detector=7, radius_arcsec=1.0
+        )
         second = _sources(2, [10.0 + 0.2 * ARCSEC, 10.5], [-5.0, -5.0], mjd=60001.0, flux=[140.0, 5.0])
         two = associate(second, one.objects, one.sources, visit=2, detector=7, radius_arcsec=1.0)
         assert two.n_matched == 1 and two.n_new == 1
@@ -139,7 +172,7 @@ class TestAssociate:
 
 
 class TestDiaObjects:
-    """Tests for `workflow.dia_objects`."""
+    """Tests for `workflow.apdb.dia_objects`."""
 
     def test_bands_from_schema(self, object_columns: list[str]) -> None:
         assert bands_in(object_columns) == list("ugrizy")

@@ -1,10 +1,10 @@
-"""Tests for `workflow.buckets`: the local-directory bucket and a real S3 bucket."""
+"""Tests for `workflow.core.buckets`: the local-directory bucket and a real S3 bucket."""
 
 from __future__ import annotations
 
 import pytest
 
-from workflow.buckets import BucketUnavailableError, LocalBucket, open_bucket
+from workflow.core.buckets import BucketUnavailableError, LocalBucket, open_bucket
 
 
 def _exercise(bucket) -> None:

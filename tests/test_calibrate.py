@@ -1,4 +1,7 @@
-"""Tests for `workflow.calibrate`, `workflow.psf`, `workflow.astrometry` and `workflow.photometry`."""
+"""Tests for `workflow.science.calibrate` and the steps it calls.
+
+Covers `workflow.science.psf`, `workflow.science.astrometry` and `workflow.science.photometry`.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +10,12 @@ import unittest
 import numpy as np
 from science_images import ZP, make_refcat, make_wcs, observe, offset_wcs
 
-from workflow.astrometry import fit_astrometry
-from workflow.calibrate import calibrate
-from workflow.exposure import Exposure, ScienceDataError, TooFewStarsError
-from workflow.photometry import fit_zero_point, psf_photometry
-from workflow.psf import PsfModel, measure_psf
+from workflow.science.astrometry import fit_astrometry
+from workflow.science.calibrate import calibrate
+from workflow.science.errors import ScienceDataError, TooFewStarsError
+from workflow.science.exposure import Exposure
+from workflow.science.photometry import fit_zero_point, psf_photometry
+from workflow.science.psf import PsfModel, measure_psf
 
 SHAPE = (768, 768)
 FWHM = 3.5
@@ -35,7 +39,7 @@ def sim_exposure(seed: int = 2, density: float = 6e-4, fwhm: float = FWHM):  # n
 
 
 class PsfTestCase(unittest.TestCase):
-    """Tests for `workflow.psf`."""
+    """Tests for `workflow.science.psf`."""
 
     def test_gaussian_model(self) -> None:
         psf = PsfModel.gaussian(4.0)
@@ -72,7 +76,7 @@ class PsfTestCase(unittest.TestCase):
         x = (grid[:, None] + rng.uniform(-0.5, 0.5, (5, 5))).ravel()
         y = (grid[None, :] + rng.uniform(-0.5, 0.5, (5, 5))).ravel()
         stamps, ix, iy = psf.realize(x, y)
-        for stamp, i, j in zip(stamps, ix, iy):
+        for stamp, i, j in zip(stamps, ix, iy, strict=False):
             image[j - 12 : j + 13, i - 12 : i + 13] += 1000.0 * stamp
         result = psf_photometry(image, np.ones_like(image), psf, x, y)
         np.testing.assert_allclose(result["flux"], 1000.0, rtol=2e-3)
@@ -80,7 +84,7 @@ class PsfTestCase(unittest.TestCase):
 
 
 class CalibrateTestCase(unittest.TestCase):
-    """Tests for `workflow.calibrate.calibrate`."""
+    """Tests for `workflow.science.calibrate.calibrate`."""
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -127,7 +131,7 @@ def _nearest(points: np.ndarray, refs: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 class CalibrateErrorsTestCase(unittest.TestCase):
-    """Tests for the errors of `workflow.calibrate`."""
+    """Tests for the errors of `workflow.science.calibrate`."""
 
     def test_no_stars(self) -> None:
         rng = np.random.default_rng(1)

@@ -1,4 +1,4 @@
-"""Tests for `workflow.calibs`."""
+"""Tests for `workflow.sim.calibs`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import unittest
 import numpy as np
 from astropy.time import Time
 
-from workflow.calibs import (
+from workflow.core.config import load_config
+from workflow.core.instrument import Instrument
+from workflow.sim.calibs import (
     amp_bias_levels,
     bad_columns,
     bias_pattern,
@@ -16,8 +18,6 @@ from workflow.calibs import (
     make_defects,
     make_flat,
 )
-from workflow.config import load_config
-from workflow.instrument import Instrument
 
 
 class CalibsTestCase(unittest.TestCase):
@@ -37,8 +37,9 @@ class CalibsTestCase(unittest.TestCase):
         medians = [np.median(flat[a.bbox.slices]) for a in self.inst.geometry.amplifiers]
         self.assertGreater(np.std(medians), 0.003)
         # Corner detector is more vignetted than the central one.
-        self.assertLess(np.median(flat_pattern(self.inst, 0, "r", seed=2)),
-                        np.median(flat_pattern(self.inst, 4, "r", seed=2)))
+        self.assertLess(
+            np.median(flat_pattern(self.inst, 0, "r", seed=2)), np.median(flat_pattern(self.inst, 4, "r", seed=2))
+        )
         np.testing.assert_array_equal(flat, flat_pattern(self.inst, 0, "r", seed=2))
         self.assertFalse(np.array_equal(flat, flat_pattern(self.inst, 0, "r", seed=3)))
 

@@ -1,5 +1,6 @@
-"""Tests for `workflow.central_repo`, `workflow.repo_ingest`, `workflow.repo_queries`, `workflow.demo_repo`,
-`workflow.butler_formatters` and ``scripts/make_central_repo.py``."""
+"""Tests for `workflow.repo.central_repo`, `workflow.repo.butler_ingest`, `workflow.repo.queries`,
+`workflow.sim.demo_repo`,
+`workflow.repo.formatters` and ``scripts/make_central_repo.py``."""
 
 from __future__ import annotations
 
@@ -18,18 +19,18 @@ from astropy.time import Time, TimeDelta
 from astropy.wcs import WCS
 from lsst.daf.butler import Butler, DatasetType
 
-from workflow import central_repo as cr
-from workflow import demo_repo as dr
-from workflow import repo_ingest as ri
-from workflow import repo_queries as rq
-from workflow.butler_formatters import STORAGE_CLASS
-from workflow.config import PROJECT_ROOT, load_config
-from workflow.exceptions import NonRetriableError
-from workflow.exposures import make_exposures
-from workflow.instrument import Instrument
-from workflow.refcat import make_shard, shard_ids
-from workflow.simulate import raw_header
-from workflow.skymap import RingsSkyMap
+import workflow.repo.butler_ingest as ri
+import workflow.repo.central_repo as cr
+import workflow.repo.queries as rq
+import workflow.sim.demo_repo as dr
+from workflow.core.config import PROJECT_ROOT, load_config
+from workflow.core.exceptions import NonRetriableError
+from workflow.core.instrument import Instrument
+from workflow.core.skymap import RingsSkyMap
+from workflow.repo.formatters import STORAGE_CLASS
+from workflow.sim.exposures import make_exposures
+from workflow.sim.refcat import make_shard, shard_ids
+from workflow.sim.simulate import raw_header
 
 T0 = Time("2025-01-01T00:00:00", scale="tai")
 T1 = Time("2025-02-01T00:00:00", scale="tai")
@@ -49,9 +50,20 @@ def _instrument(name: str) -> Instrument:
 
 def _exposures(instrument: Instrument, filt: str) -> list:
     ra, dec, rot = FIELDS[instrument.name]
-    return [e for seq in (1, 2, 3) for e in make_exposures(
-        instrument, start=T0 + TimeDelta(seq * 600.0, format="sec"), seq_num=seq, ra=ra, dec=dec, rotation_deg=rot,
-        physical_filter=filt, n_snaps=1)]
+    return [
+        e
+        for seq in (1, 2, 3)
+        for e in make_exposures(
+            instrument,
+            start=T0 + TimeDelta(seq * 600.0, format="sec"),
+            seq_num=seq,
+            ra=ra,
+            dec=dec,
+            rotation_deg=rot,
+            physical_filter=filt,
+            n_snaps=1,
+        )
+    ]
 
 
 def _write_raws(directory: Path, instrument: Instrument, filt: str, detectors: list[int]) -> list[str]:
@@ -78,14 +90,21 @@ def _build(root: Path, work: Path, **create) -> Butler:
         cr.register_instrument(butler, instrument)
         cr.register_skymap(butler, skymap, skymap.tracts_overlapping(region))
         dets, filt = [0, 1], next(iter(instrument.filters))
-        calibs = [ri.CalibInput(dataset_type="bias", detector=d, begin=T0, end=T1, source=lambda: _image(0.0))
-                  for d in dets]
-        calibs += [ri.CalibInput(dataset_type="flat", detector=d, begin=T0, end=T1, physical_filter=filt,
-                                 source=_image(1.0)) for d in dets]
+        calibs = [
+            ri.CalibInput(dataset_type="bias", detector=d, begin=T0, end=T1, source=lambda: _image(0.0)) for d in dets
+        ]
+        calibs += [
+            ri.CalibInput(dataset_type="flat", detector=d, begin=T0, end=T1, physical_filter=filt, source=_image(1.0))
+            for d in dets
+        ]
         ri.ingest_calibs(butler, name, calibs)
         ri.ingest_refcat_shards(butler, {i: (lambda i=i: make_shard(i)) for i in shard_ids(region)})
-        ri.ingest_templates(butler, name, skymap.name, [
-            (p.tract, p.id, instrument.filters[filt], _image(2.0)) for p in skymap.patches_overlapping(region)])
+        ri.ingest_templates(
+            butler,
+            name,
+            skymap.name,
+            [(p.tract, p.id, instrument.filters[filt], _image(2.0)) for p in skymap.patches_overlapping(region)],
+        )
         ri.ingest_raws(butler, instrument, _write_raws(work / f"raws-{name}", instrument, filt, dets))
         ri.define_defaults_chain(butler, name)
     return butler
@@ -100,7 +119,7 @@ def small_repo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class FitsHDUListFormatterTestCase(unittest.TestCase):
-    """Tests for `workflow.butler_formatters.FitsHDUListFormatter`."""
+    """Tests for `workflow.repo.formatters.FitsHDUListFormatter`."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,7 +168,7 @@ class FitsHDUListFormatterTestCase(unittest.TestCase):
 
 
 class CentralRepoQueryTestCase(unittest.TestCase):
-    """Tests for the ingest and query functions of `workflow.repo_ingest` and `workflow.repo_queries`."""
+    """Tests for the ingest and query functions of `workflow.repo.butler_ingest` and `workflow.repo.queries`."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, small_repo: Path) -> None:
@@ -158,8 +177,10 @@ class CentralRepoQueryTestCase(unittest.TestCase):
 
     def test_rerun_adds_nothing(self) -> None:
         before = cr.count_datasets(self.butler)
-        self.assertEqual({k: v for k, v in before.items() if k in ("raw", "bias", "flat", "defects")},
-                         {"raw": 12, "bias": 4, "flat": 4, "defects": 0})
+        self.assertEqual(
+            {k: v for k, v in before.items() if k in ("raw", "bias", "flat", "defects")},
+            {"raw": 12, "bias": 4, "flat": 4, "defects": 0},
+        )
         self.assertGreater(before["refcat"], 0)
         self.assertGreater(before["template_coadd"], 0)
         _build(self.work / "repo", self.work)
@@ -180,14 +201,14 @@ class CentralRepoQueryTestCase(unittest.TestCase):
 
     def test_refcat_shards_overlapping(self) -> None:
         region = _instrument("LSSTComCamSim").detector_region(4, *FIELDS["LSSTComCamSim"], padding_arcsec=50.0)
-        refs = rq.refcat_shards_overlapping(self.butler, region,
-                                            collections=cr.defaults_collection("LSSTComCamSim"))
+        refs = rq.refcat_shards_overlapping(self.butler, region, collections=cr.defaults_collection("LSSTComCamSim"))
         self.assertEqual({ref.dataId["htm7"] for ref in refs}, set(shard_ids(region)))
         table = self.butler.get(refs[0])
         self.assertIsInstance(table, Table)
         self.assertLessEqual({"ra", "dec", "r_flux"}, set(table.colnames))
-        far = sphgeom.Circle(sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(10.0, -40.0)),
-                             sphgeom.Angle.fromDegrees(0.1))
+        far = sphgeom.Circle(
+            sphgeom.UnitVector3d(sphgeom.LonLat.fromDegrees(10.0, -40.0)), sphgeom.Angle.fromDegrees(0.1)
+        )
         self.assertEqual(rq.refcat_shards_overlapping(self.butler, far), [])
 
     def test_templates_overlapping(self) -> None:
@@ -216,15 +237,19 @@ class CentralRepoQueryTestCase(unittest.TestCase):
 
     def test_visit_records(self) -> None:
         info = _exposures(_instrument("LSSTComCamSim"), "u_02")[0]
-        (visit,) = self.butler.query_dimension_records("visit", instrument="LSSTComCamSim",
-                                                       where=f"visit = {info.exposure_id}")
+        (visit,) = self.butler.query_dimension_records(
+            "visit", instrument="LSSTComCamSim", where=f"visit = {info.exposure_id}"
+        )
         self.assertEqual(visit.day_obs, 20241231)
         self.assertIsNotNone(visit.region)
-        regions = self.butler.query_dimension_records("visit_detector_region", instrument="LSSTComCamSim",
-                                                      visit=info.exposure_id)
+        regions = self.butler.query_dimension_records(
+            "visit_detector_region", instrument="LSSTComCamSim", visit=info.exposure_id
+        )
         self.assertEqual(len(regions), 9)
-        self.assertEqual(self.butler.registry.getCollectionChain(cr.defaults_collection("HSC")),
-                         ("HSC/calib", "HSC/templates", "refcats", "HSC/raw/all"))
+        self.assertEqual(
+            self.butler.registry.getCollectionChain(cr.defaults_collection("HSC")),
+            ("HSC/calib", "HSC/templates", "refcats", "HSC/raw/all"),
+        )
 
     def test_exposure_conflict(self) -> None:
         instrument = _instrument("HSC")
@@ -237,7 +262,7 @@ class CentralRepoQueryTestCase(unittest.TestCase):
 
 
 class RawHeaderTestCase(unittest.TestCase):
-    """Tests for `workflow.repo_ingest.exposure_info_from_header` and repo opening errors."""
+    """Tests for `workflow.repo.butler_ingest.exposure_info_from_header` and repo opening errors."""
 
     def test_simulator_header_round_trip(self) -> None:
         instrument = _instrument("LSSTComCamSim")
@@ -260,7 +285,7 @@ class RawHeaderTestCase(unittest.TestCase):
 
 
 class CalibCertificationTestCase(unittest.TestCase):
-    """Tests for `workflow.repo_ingest.ingest_calibs` validity ranges."""
+    """Tests for `workflow.repo.butler_ingest.ingest_calibs` validity ranges."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, tmp_path: Path) -> None:
@@ -269,8 +294,10 @@ class CalibCertificationTestCase(unittest.TestCase):
 
     def test_epochs_and_overlap(self) -> None:
         later = Time("2025-03-01T00:00:00", scale="tai")
-        calibs = [ri.CalibInput(dataset_type="bias", detector=2, begin=T0, end=T1, source=_image(1.0)),
-                  ri.CalibInput(dataset_type="bias", detector=2, begin=T1, end=later, source=_image(2.0))]
+        calibs = [
+            ri.CalibInput(dataset_type="bias", detector=2, begin=T0, end=T1, source=_image(1.0)),
+            ri.CalibInput(dataset_type="bias", detector=2, begin=T1, end=later, source=_image(2.0)),
+        ]
         self.assertEqual(ri.ingest_calibs(self.butler, "LSSTComCamSim", calibs), 2)
         self.assertEqual(ri.ingest_calibs(self.butler, "LSSTComCamSim", calibs), 0)
         for when, value in ((INSIDE, 1.0), (T1, 2.0)):
@@ -278,20 +305,25 @@ class CalibCertificationTestCase(unittest.TestCase):
             self.assertEqual(float(self.butler.get(ref)["IMAGE"].data[0, 0]), value)
         self.assertIsNone(rq.find_calib(self.butler, "LSSTComCamSim", "bias", 2, later))
         overlapping = ri.CalibInput(dataset_type="bias", detector=2, begin=INSIDE, end=later, source=_image(3.0))
-        with self.assertRaisesRegex(NonRetriableError, "^LSSTComCamSim: cannot certify bias from run "
-                                    "LSSTComCamSim/calib/bias/20250115T000000 into LSSTComCamSim/calib"):
+        with self.assertRaisesRegex(
+            NonRetriableError,
+            "^LSSTComCamSim: cannot certify bias from run "
+            "LSSTComCamSim/calib/bias/20250115T000000 into LSSTComCamSim/calib",
+        ):
             ri.ingest_calibs(self.butler, "LSSTComCamSim", [overlapping])
 
 
 def _cli():
-    spec = importlib.util.spec_from_file_location("make_central_repo", PROJECT_ROOT / "scripts" / "make_central_repo.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_central_repo", PROJECT_ROOT / "scripts" / "make_central_repo.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
 
 
 class DemoBuildTestCase(unittest.TestCase):
-    """Tests for `workflow.demo_repo.build_demo_repo` with the simulator, and its CLI."""
+    """Tests for `workflow.sim.demo_repo.build_demo_repo` with the simulator, and its CLI."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -301,8 +333,9 @@ class DemoBuildTestCase(unittest.TestCase):
         args = {"n_visits": 2, "n_detectors": 1, "scale": 0.05, "progress": False}
         report = dr.build_demo_repo(self.tmp_path / "demo", ["LSSTComCamSim"], **args)
         counts = report["datasets"]
-        self.assertEqual({k: counts[k] for k in ("raw", "bias", "flat", "defects")},
-                         {"raw": 2, "bias": 9, "flat": 54, "defects": 9})
+        self.assertEqual(
+            {k: counts[k] for k in ("raw", "bias", "flat", "defects")}, {"raw": 2, "bias": 9, "flat": 54, "defects": 9}
+        )
         again = dr.build_demo_repo(self.tmp_path / "demo", ["LSSTComCamSim"], **args)
         self.assertEqual(again["datasets"], counts)
         self.assertEqual({s["added"] for s in again["stages"]["LSSTComCamSim"].values()}, {0})
@@ -315,9 +348,13 @@ class DemoBuildTestCase(unittest.TestCase):
         self.assertEqual(butler.get(raw_ref)[0].header["EXPID"], rec.id)
         det = raw_ref.dataId["detector"]
         pointing = (rec.tracking_ra, rec.tracking_dec, rec.sky_angle)
-        refs = rq.templates_overlapping(butler, "LSSTComCamSim", plan.skymap.name,
-                                        plan.instrument.detector_region(det, *pointing, padding_arcsec=50.0),
-                                        plan.instrument.band(rec.physical_filter))
+        refs = rq.templates_overlapping(
+            butler,
+            "LSSTComCamSim",
+            plan.skymap.name,
+            plan.instrument.detector_region(det, *pointing, padding_arcsec=50.0),
+            plan.instrument.band(rec.physical_filter),
+        )
         corners = plan.instrument.detector_corners(det, *pointing)
         covered = np.zeros(len(corners), dtype=bool)
         for ref in refs:
@@ -325,15 +362,30 @@ class DemoBuildTestCase(unittest.TestCase):
             x, y = WCS(image.header).all_world2pix(corners[:, 0], corners[:, 1], 0)
             covered |= (x >= 0) & (x < image.data.shape[1]) & (y >= 0) & (y < image.data.shape[0])
         self.assertTrue(covered.all())
-        flat = rq.find_calib(butler, "LSSTComCamSim", "flat", det, rec.timespan.begin,
-                             physical_filter=rec.physical_filter)
+        flat = rq.find_calib(
+            butler, "LSSTComCamSim", "flat", det, rec.timespan.begin, physical_filter=rec.physical_filter
+        )
         self.assertIsNotNone(flat)
 
     def test_cli(self) -> None:
         cli = _cli()
         repo = str(self.tmp_path / "cli")
-        status = cli.main(["--repo", repo, "--instruments", "LSSTComCamSim", "--visits", "1", "--detectors", "1",
-                           "--scale", "0.03", "--bench", "--no-progress"])
+        status = cli.main(
+            [
+                "--repo",
+                repo,
+                "--instruments",
+                "LSSTComCamSim",
+                "--visits",
+                "1",
+                "--detectors",
+                "1",
+                "--scale",
+                "0.03",
+                "--bench",
+                "--no-progress",
+            ]
+        )
         self.assertEqual(status, 0)
         report = json.loads(self.capsys.readouterr().out)
         self.assertEqual(report["datasets"]["raw"], 1)
@@ -345,7 +397,7 @@ class DemoBuildTestCase(unittest.TestCase):
 
 
 class ServerBackedRepoTestCase(unittest.TestCase):
-    """Tests for `workflow.central_repo.create_central_repo` on PostgreSQL and S3 servers."""
+    """Tests for `workflow.repo.central_repo.create_central_repo` on PostgreSQL and S3 servers."""
 
     @pytest.fixture(autouse=True)
     def _inject(self, request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,13 +421,22 @@ class ServerBackedRepoTestCase(unittest.TestCase):
     def test_postgres_registry_s3_datastore(self) -> None:
         postgres = self.request.getfixturevalue("postgres_server")
         s3 = self.request.getfixturevalue("s3_server")
-        for key, value in (("S3_ENDPOINT_URL", s3.endpoint_url), ("AWS_ACCESS_KEY_ID", s3.access_key),
-                           ("AWS_SECRET_ACCESS_KEY", s3.secret_key), ("AWS_DEFAULT_REGION", s3.region)):
+        for key, value in (
+            ("S3_ENDPOINT_URL", s3.endpoint_url),
+            ("AWS_ACCESS_KEY_ID", s3.access_key),
+            ("AWS_SECRET_ACCESS_KEY", s3.secret_key),
+            ("AWS_DEFAULT_REGION", s3.region),
+        ):
             self.monkeypatch.setenv(key, value)
         s3.client().create_bucket(Bucket="central")
         root = self.tmp_path / "s3-repo"
-        butler = _build(root, self.tmp_path, registry_url=postgres.url, registry_namespace="central_s3",
-                        datastore_s3="s3://central/repo")
+        butler = _build(
+            root,
+            self.tmp_path,
+            registry_url=postgres.url,
+            registry_namespace="central_s3",
+            datastore_s3="s3://central/repo",
+        )
         self._check(root, butler)
         flat = rq.find_calib(butler, "HSC", "flat", 0, INSIDE, physical_filter="HSC-G")
         self.assertTrue(butler.getURI(flat).geturl().startswith("s3://central/repo/"))

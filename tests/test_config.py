@@ -1,4 +1,4 @@
-"""Tests for `workflow.config`: every shipped file validates; bad files fail clearly."""
+"""Tests for `workflow.core.config`: every shipped file validates; bad files fail clearly."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow.config import (
+from workflow.core.config import (
     DEFAULT_CONFIG_PATH,
     PIPELINES_CONFIG_PATH,
     PROJECT_ROOT,
@@ -19,7 +19,7 @@ from workflow.config import (
     validate_file,
     validate_merged,
 )
-from workflow.exceptions import ConfigError
+from workflow.core.exceptions import ConfigError
 
 INSTRUMENTS = ["HSC", "LATISS", "LSSTComCamSim", "LSSTCam-imSim", "LSSTCam"]
 
@@ -30,8 +30,7 @@ def test_every_instrument_has_a_file():
 
 @pytest.mark.parametrize(
     "path",
-    [DEFAULT_CONFIG_PATH, PIPELINES_CONFIG_PATH]
-    + sorted((PROJECT_ROOT / "config" / "instruments").glob("*.yaml")),
+    [DEFAULT_CONFIG_PATH, PIPELINES_CONFIG_PATH] + sorted((PROJECT_ROOT / "config" / "instruments").glob("*.yaml")),
     ids=lambda p: p.name,
 )
 def test_shipped_file_validates(path: Path):
@@ -67,16 +66,30 @@ def _hsc() -> dict:
     "mutate, expected",
     [
         (lambda d: d["detector"].update(gian=1.0), "key 'detector.gian' is not allowed; expected one of: amplifiers"),
-        (lambda d: d["detector"].update(gain_e_per_adu="abc"), "key 'detector.gain_e_per_adu': expected number, got 'abc'"),
+        (
+            lambda d: d["detector"].update(gain_e_per_adu="abc"),
+            "key 'detector.gain_e_per_adu': expected number, got 'abc'",
+        ),
         (lambda d: d["raw"].update(snaps_per_visit=3), "key 'raw.snaps_per_visit': expected maximum 2, got 3"),
-        (lambda d: d["focal_plane"].update(layout="hex"), "key 'focal_plane.layout': expected one of 'grid', 'rafts', got 'hex'"),
+        (
+            lambda d: d["focal_plane"].update(layout="hex"),
+            "key 'focal_plane.layout': expected one of 'grid', 'rafts', got 'hex'",
+        ),
         (lambda d: d["focal_plane"].update(columns="x"), "key 'focal_plane.columns': expected integer, got 'x'"),
         (lambda d: d.update(detectr={}), "key 'detectr' is not allowed"),
         (lambda d: d["filters"][0].update(band="q"), "key 'filters.0.band': expected one of"),
         (lambda d: d["buckets"].update(raw="Bad_Bucket"), "key 'buckets.raw': expected a string matching"),
     ],
-    ids=["misspelled", "wrong-type", "too-large", "bad-layout", "layout-field-type",
-         "top-level-typo", "bad-band", "bad-bucket"],
+    ids=[
+        "misspelled",
+        "wrong-type",
+        "too-large",
+        "bad-layout",
+        "layout-field-type",
+        "top-level-typo",
+        "bad-band",
+        "bad-bucket",
+    ],
 )
 def test_bad_instrument_file_names_file_key_and_expectation(tmp_path, mutate, expected):
     data = _hsc()
@@ -143,7 +156,7 @@ def test_extra_file_overrides_and_is_validated(tmp_path):
 
 def test_site_file_switches_apdb_to_a_config_file(tmp_path):
     """The instrument file's db_url stays in the merge; config_file, which open_apdb prefers, may join it."""
-    from workflow.apdb import create_apdb, open_apdb
+    from workflow.apdb.store import create_apdb, open_apdb
 
     create_apdb(f"sqlite:///{tmp_path}/site-apdb.sqlite3", config_path=tmp_path / "apdb.yaml")
     site = _write(tmp_path, {"apdb": {"config_file": str(tmp_path / "apdb.yaml")}}, "site.yaml")

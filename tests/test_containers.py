@@ -15,7 +15,7 @@ import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from workflow.config import PROJECT_ROOT
+from workflow.core.config import PROJECT_ROOT
 
 DOCKER = PROJECT_ROOT / "docker"
 
@@ -39,8 +39,11 @@ def _instructions(path) -> list[tuple[str, str]]:
     """Dockerfile instructions as (KEYWORD, arguments), continuation lines joined, comments dropped."""
     text = re.sub(r"^\s*#.*\n", "", path.read_text(), flags=re.M)
     text = re.sub(r"\\\n", " ", text)
-    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
-            for line in text.splitlines() if line.strip()]  # fmt: skip
+    return [
+        (line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line.strip() else "")
+        for line in text.splitlines()
+        if line.strip()
+    ]
 
 
 def _pip_installs(path) -> list[list[str]]:
@@ -51,7 +54,7 @@ def _pip_installs(path) -> list[list[str]]:
             for command in re.split(r"&&|;", args):
                 words = shlex.split(command)
                 if "pip" in words and "install" in words:
-                    installs.append(words[words.index("install") + 1:])
+                    installs.append(words[words.index("install") + 1 :])
     return installs
 
 
@@ -83,11 +86,15 @@ class TestBaseImage:
         pinned = _pins(requirements)
         missing = sorted(set(expected) - set(pinned))
         extra = sorted(set(pinned) - set(expected))
-        differ = {name: (pinned[name], expected[name]) for name in expected if name in pinned
-                  and pinned[name] != expected[name]}  # fmt: skip
+        differ = {
+            name: (pinned[name], expected[name])
+            for name in expected
+            if name in pinned and pinned[name] != expected[name]
+        }
         assert not (missing or extra or differ), (
             f"docker/Dockerfile.base vs pyproject dependencies: missing {missing}, not in pyproject {extra}, "
-            f"different versions (Dockerfile, pyproject) {differ}")  # fmt: skip
+            f"different versions (Dockerfile, pyproject) {differ}"
+        )
 
 
 class TestServiceImage:
@@ -107,11 +114,21 @@ class TestServiceImage:
                 for source in sources:
                     assert (PROJECT_ROOT / source).exists(), f"COPY {source}: no such path"
                     copied.add(source.rstrip("/"))
-        needed = {"pyproject.toml", "Snakefile", "workflow", "stream_shim", "rules", "scripts", "config", "profiles",
-                  "envs"}  # fmt: skip
+        needed = {
+            "pyproject.toml",
+            "Snakefile",
+            "workflow",
+            "stream_shim",
+            "rules",
+            "scripts",
+            "config",
+            "profiles",
+            "envs",
+        }
         assert needed <= copied, sorted(needed - copied)
-        rules_scripts = {m for smk in (PROJECT_ROOT / "rules").glob("*.smk")
-                         for m in re.findall(r'"\.\./(\w+)/', smk.read_text())}  # fmt: skip
+        rules_scripts = {
+            m for smk in (PROJECT_ROOT / "rules").glob("*.smk") for m in re.findall(r'"\.\./(\w+)/', smk.read_text())
+        }
         assert rules_scripts <= copied, rules_scripts - copied
 
     def test_entrypoint_runs_modules(self):
@@ -133,7 +150,8 @@ class TestContainersWorkflow:
         assert _workflow()["env"]["SERVICE_IMAGE"] == repository
         assert _workflow()["env"]["BASE_IMAGE"] == repository.replace("-service", "-base")
         assert tag == _project()["version"], (
-            f"profiles/k8s/config.yaml runs image tag {tag}, but the version is {_project()['version']}")
+            f"profiles/k8s/config.yaml runs image tag {tag}, but the version is {_project()['version']}"
+        )
 
     def test_builds_both_dockerfiles_with_the_tag_version(self):
         steps = _workflow()["jobs"]["images"]["steps"]

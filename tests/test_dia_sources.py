@@ -1,4 +1,4 @@
-"""Tests for `workflow.dia_sources`."""
+"""Tests for `workflow.science.dia_sources`."""
 
 from __future__ import annotations
 
@@ -10,12 +10,14 @@ import yaml
 from science_images import make_scene, make_wcs, njy_per_count
 from scipy.spatial import cKDTree
 
-from workflow.calibrate import calibrate
-from workflow.dia_sources import DIA_COLUMNS, dia_source_ids, detect_dia_sources
-from workflow.exposure import Exposure, MaskPlane, ScienceDataError
-from workflow.psf import PsfModel
-from workflow.subtract import subtract_images
-from workflow.template_warp import TemplatePatch, warp_template
+from workflow.science.calibrate import calibrate
+from workflow.science.dia_sources import DIA_COLUMNS, detect_dia_sources, dia_source_ids
+from workflow.science.errors import ScienceDataError
+from workflow.science.exposure import Exposure
+from workflow.science.masks import MaskPlane
+from workflow.science.psf import PsfModel
+from workflow.science.subtract import subtract_images
+from workflow.science.template_warp import TemplatePatch, warp_template
 
 SHAPE = (256, 256)
 NOISE = 10.0
@@ -105,8 +107,9 @@ class SyntheticDifferenceTestCase(unittest.TestCase):
         self.assertLess(row["reliability"], 0.5)
 
     def test_mask_flags(self) -> None:
-        diff = synthetic_difference([(50.0, 50.0, 3000.0), (128.0, 20.0, 3000.0), (200.0, 200.0, 3000.0),
-                                     (160.0, 150.0, 3000.0)])
+        diff = synthetic_difference(
+            [(50.0, 50.0, 3000.0), (128.0, 20.0, 3000.0), (200.0, 200.0, 3000.0), (160.0, 150.0, 3000.0)]
+        )
         diff.mask[49:52, 53:56] |= MaskPlane.SAT
         diff.mask[:18, :] |= MaskPlane.NO_DATA
         diff.mask[198:203, 200] |= MaskPlane.CR

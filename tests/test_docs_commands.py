@@ -13,15 +13,25 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from test_report import fabricate_run
-from workflow.config import PROJECT_ROOT
-from workflow.exceptions import NonRetriableError, RetriableError
+
+from workflow.core.config import PROJECT_ROOT
+from workflow.core.exceptions import NonRetriableError, RetriableError
 
 DOC = PROJECT_ROOT / "docs" / "operations.md"
 RUNNABLE = re.compile(r"^```sh runnable\n(.*?)^```", re.M | re.S)
-LINKED = ("Snakefile", "rules", "config", "workflow", "stream_shim", "scripts", "profiles", "report", "envs",
-          "pyproject.toml")  # fmt: skip
+LINKED = (
+    "Snakefile",
+    "rules",
+    "config",
+    "workflow",
+    "stream_shim",
+    "scripts",
+    "profiles",
+    "report",
+    "envs",
+    "pyproject.toml",
+)
 ROW = re.compile(r"^\| `(\w+)` \| `([\w.]+)` \| (yes|no|n/a) \| (.+) \|$", re.M)
 
 
@@ -40,8 +50,16 @@ def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_runnable_blocks_exist():
     commands = "\n".join(_blocks())
-    for expected in ("snakemake -n", "snakemake --rulegraph", "load_config", "release_notes.py", "apdb-cli create-sql",
-                     "--drop", "timer=DEBUG", "failed.json"):  # fmt: skip
+    for expected in (
+        "snakemake -n",
+        "snakemake --rulegraph",
+        "load_config",
+        "release_notes.py",
+        "apdb-cli create-sql",
+        "--drop",
+        "timer=DEBUG",
+        "failed.json",
+    ):
         assert expected in commands, f"docs/operations.md: no runnable block with {expected!r}"
 
 
@@ -53,8 +71,9 @@ def test_runnable_block(scratch, index):
         skipped = [line for line in block.splitlines() if line.startswith("dot ")]
         block = "\n".join(line for line in block.splitlines() if not line.startswith("dot "))
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["bash", "-euo", "pipefail", "-c", block], cwd=scratch, env=env, capture_output=True,
-                            text=True, timeout=180)  # fmt: skip
+    result = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", block], cwd=scratch, env=env, capture_output=True, text=True, timeout=180
+    )
     assert result.returncode == 0, f"block {index} failed:\n{block}\n--- stderr:\n{result.stderr[-3000:]}"
     if "release_notes.py" in block:
         assert "APDB schema 10.0.0, ApdbSql 1.2.1" in result.stdout
@@ -77,11 +96,11 @@ def _error_classes() -> dict[str, tuple[str, type]]:
     """Every exception class defined in workflow/ and stream_shim/ whose name or bases say Error or Visit."""
     found = {}
     for package in ("workflow", "stream_shim"):
-        for path in sorted((PROJECT_ROOT / package).glob("*.py")):
+        for path in sorted((PROJECT_ROOT / package).rglob("*.py")):
             for name, bases in re.findall(r"^class (\w+)\(([^)]*)\)", path.read_text(), re.M):
                 if not re.search(r"Error|Visit", name + bases):
                     continue
-                module = f"{package}.{path.stem}"
+                module = ".".join(path.relative_to(PROJECT_ROOT).with_suffix("").parts)
                 cls = getattr(importlib.import_module(module), name)
                 if isinstance(cls, type) and issubclass(cls, BaseException):
                     found[name] = (module, cls)

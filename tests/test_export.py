@@ -1,4 +1,4 @@
-"""Tests for `workflow.export`: run naming, selection, idempotency, concurrent exports."""
+"""Tests for `workflow.stages.export`: run naming, selection, idempotency, concurrent exports."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import yaml
 from astropy.io import fits
 
-from workflow.central_repo import open_central_repo, raw_collection
-from workflow.config import load_config
-from workflow.demo_repo import build_demo_repo
-from workflow.export import config_hashes, export_outputs, output_chain, output_run, select_outputs
+from workflow.core.config import load_config
+from workflow.repo.central_repo import open_central_repo, raw_collection
+from workflow.sim.demo_repo import build_demo_repo
+from workflow.stages.export import config_hashes, export_outputs, output_chain, output_run, select_outputs
 
 SCALE = 0.05
 
@@ -26,8 +26,7 @@ def repo(tmp_path_factory):
     site = root / "site.yaml"
     site.write_text(yaml.safe_dump({"central_repo": str(root / "repo"), "simulation": {"scale": SCALE, "seed": 0}}))
     config = load_config(instrument="LSSTComCamSim", extra_files=[site])
-    build_demo_repo(config["central_repo"], ["LSSTComCamSim"], n_visits=1, scale=SCALE, n_detectors=2,
-                    progress=False)
+    build_demo_repo(config["central_repo"], ["LSSTComCamSim"], n_visits=1, scale=SCALE, n_detectors=2, progress=False)
     butler = open_central_repo(config["central_repo"])
     refs = butler.query_datasets("raw", collections=raw_collection("LSSTComCamSim"), limit=None, explain=False)
     headers = {ref.dataId["detector"]: dict(butler.get(ref)[0].header) for ref in refs}
@@ -44,8 +43,12 @@ def _outputs(directory, detector: int) -> dict[str, str]:
     meta.write_text(json.dumps({"pipeline": "ApPipe", "detector": detector}))
     unselected = directory / "post_isr_image.fits"
     unselected.write_bytes(image.read_bytes())
-    return {"difference_image": str(image), "dia_source_unfiltered": str(table),
-            "pipeline_metadata": str(meta), "post_isr_image": str(unselected)}
+    return {
+        "difference_image": str(image),
+        "dia_source_unfiltered": str(table),
+        "pipeline_metadata": str(meta),
+        "post_isr_image": str(unselected),
+    }
 
 
 def test_run_names_are_deterministic_and_change_with_config():
@@ -61,13 +64,20 @@ def test_run_names_are_deterministic_and_change_with_config():
 def test_select_outputs_uses_export_patterns():
     outputs = {"difference_image": "a", "post_isr_image": "b", "dia_source_unfiltered": "c"}
     assert select_outputs(outputs, ["^difference_image$", "^dia_source.*"]) == {
-        "difference_image": "a", "dia_source_unfiltered": "c"}
+        "difference_image": "a",
+        "dia_source_unfiltered": "c",
+    }
 
 
 def _export(config, root, header, detector) -> dict:
-    return export_outputs(config, day_obs="2025-01-09", pipeline="ApPipe",
-                          outputs=_outputs(root / f"out-{detector}", detector), raw_header=header,
-                          where=f"detector {detector}")
+    return export_outputs(
+        config,
+        day_obs="2025-01-09",
+        pipeline="ApPipe",
+        outputs=_outputs(root / f"out-{detector}", detector),
+        raw_header=header,
+        where=f"detector {detector}",
+    )
 
 
 def _export_in_process(args) -> dict:

@@ -1,4 +1,4 @@
-"""Tests for `workflow.instrument`."""
+"""Tests for `workflow.core.instrument`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import unittest
 
 import numpy as np
 
-from workflow.config import load_config, merge_configs
-from workflow.exceptions import ConfigError
-from workflow.instrument import Instrument, bounding_circle, polygon_from_sky
+from workflow.core.config import load_config, merge_configs
+from workflow.core.exceptions import ConfigError
+from workflow.core.instrument import Instrument, bounding_circle, polygon_from_sky
 
 
 @functools.cache
@@ -76,8 +76,9 @@ class LayoutTestCase(unittest.TestCase):
         np.testing.assert_allclose(centers.mean(axis=0), [0.0, 0.0], atol=1e-9)
 
     def test_active_overrides(self) -> None:
-        config = merge_configs(_config("LSSTComCamSim"), {"active_detectors": {"default": False,
-                                                                              "overrides": {"4": True}}})
+        config = merge_configs(
+            _config("LSSTComCamSim"), {"active_detectors": {"default": False, "overrides": {"4": True}}}
+        )
         inst = Instrument.from_config(config)
         self.assertEqual([d.id for d in inst.active_detectors()], [4])
         bad = merge_configs(_config("LSSTComCamSim"), {"active_detectors": {"overrides": {"9": False}}})
@@ -180,8 +181,9 @@ class WcsTestCase(unittest.TestCase):
             ra, dec = w.all_pix2world([[1.0, 1.0], [4070.0, 3998.0], [1.0, 3998.0], [4070.0, 1.0]], 0).T
             self.assertTrue(all(visit.contains(np.radians(ra), np.radians(dec))), det.name)
         circle = bounding_circle(region, 50.0)
-        self.assertGreater(circle.getOpeningAngle().asDegrees(),
-                           region.getBoundingCircle().getOpeningAngle().asDegrees())
+        self.assertGreater(
+            circle.getOpeningAngle().asDegrees(), region.getBoundingCircle().getOpeningAngle().asDegrees()
+        )
         self.assertTrue(polygon_from_sky([0, 1, 1], [0, 0, 1]).contains(math.radians(0.9), math.radians(0.2)))
 
 

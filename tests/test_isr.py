@@ -1,4 +1,4 @@
-"""Tests for `workflow.isr`."""
+"""Tests for `workflow.science.isr`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,11 @@ import unittest
 from types import SimpleNamespace
 
 import numpy as np
-
 from science_images import make_raw, make_refcat, make_wcs, observe
-from workflow.exposure import BadImageError, MaskPlane
-from workflow.isr import AmpGeometry, Box, assemble, find_cosmic_rays, run_isr, subtract_overscan
+
+from workflow.science.errors import BadImageError
+from workflow.science.isr import AmpGeometry, Box, assemble, find_cosmic_rays, run_isr, subtract_overscan
+from workflow.science.masks import MaskPlane
 
 SHAPE = (256, 320)
 
@@ -20,7 +21,7 @@ def _truth(seed: int = 2):
 
 
 class IsrTestCase(unittest.TestCase):
-    """Tests for `workflow.isr`."""
+    """Tests for `workflow.science.isr`."""
 
     def test_overscan_assembly_gain(self) -> None:
         truth = np.arange(SHAPE[0] * SHAPE[1], dtype=np.float32).reshape(SHAPE) % 997 + 500.0
@@ -100,19 +101,26 @@ class IsrTestCase(unittest.TestCase):
     def test_from_amplifier(self) -> None:
         truth = np.arange(SHAPE[0] * SHAPE[1], dtype=np.float32).reshape(SHAPE) % 101 + 50.0
         raw, amps = make_raw(truth, read_noise=0.0)
-        # Objects shaped like workflow.amplifiers.Amplifier (other attribute names, any Box type).
+
+        # Objects shaped like workflow.core.amplifiers.Amplifier (other attribute names, any Box type).
         def boxes(b: Box) -> SimpleNamespace:
             return SimpleNamespace(x0=b.x0, y0=b.y0, x1=b.x1, y1=b.y1)
 
         foreign = [
             SimpleNamespace(
-                name=a.name, raw_data=boxes(a.data_box), raw_serial_overscan=boxes(a.serial_overscan_box),
-                raw_parallel_overscan=boxes(a.parallel_overscan_box), bbox=boxes(a.detector_box),
-                flip_x=a.flip_x, flip_y=a.flip_y, gain=a.gain, read_noise=a.read_noise,
+                name=a.name,
+                raw_data=boxes(a.data_box),
+                raw_serial_overscan=boxes(a.serial_overscan_box),
+                raw_parallel_overscan=boxes(a.parallel_overscan_box),
+                bbox=boxes(a.detector_box),
+                flip_x=a.flip_x,
+                flip_y=a.flip_y,
+                gain=a.gain,
+                read_noise=a.read_noise,
                 saturation=a.saturation,
             )
             for a in amps
-        ]  # fmt: skip
+        ]
         converted = [AmpGeometry.from_amplifier(f) for f in foreign]
         np.testing.assert_allclose(assemble(raw, converted, smooth_rows=1)[0], truth, atol=0.05)
 

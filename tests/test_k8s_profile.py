@@ -1,4 +1,4 @@
-"""Tests for the k8s profile (``profiles/k8s``) and `workflow.k8s_executor`, without a cluster.
+"""Tests for the k8s profile (``profiles/k8s``) and `workflow.runtime.k8s_executor`, without a cluster.
 
 Snakemake runs as a subprocess with the real profile, against the real S3 of
 the `s3_server` fixture (the profile's storage prefix and endpoint are
@@ -45,21 +45,21 @@ from typing import Any
 
 import pytest
 import yaml
-
 from fake_k8s import FakeKubernetes, PodMode, PodRun
 from raw_uploads import make_visit, upload_raw
 from shared_helpers import copy_workflow
-from stream_shim.local_services import S3Server
-from workflow.buckets import S3Bucket
-from workflow.central_repo import open_central_repo
-from workflow.config import PROJECT_ROOT, load_config
-from workflow.demo_repo import build_demo_repo
-from workflow.export import output_chain
-from workflow.prep import instrument_for_run
-from workflow.visit import DetectorVisit, NextVisit
+
+from stream_shim.testbed.local_services import S3Server
+from workflow.core.buckets import S3Bucket
+from workflow.core.config import PROJECT_ROOT, load_config
+from workflow.core.instrument import instrument_for_run
+from workflow.core.visit import DetectorVisit, NextVisit
+from workflow.repo.central_repo import open_central_repo
+from workflow.sim.demo_repo import build_demo_repo
+from workflow.stages.export import output_chain
 
 PROFILE = PROJECT_ROOT / "profiles" / "k8s"
-RULES = ("prep", "ingest", "run_pipeline", "export_outputs", "apdb_load", "finish_target")
+RULES = ("prep", "ingest", "pipeline", "export", "apdb", "finish")
 CREDENTIAL_VARS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "PGPASSWORD")
 BUCKET = "k8s-profile"
 DETECTORS = (3, 7)
@@ -71,7 +71,7 @@ REAL_FILTER = "r_03"  # a band of the demo's templates
 REAL_STAMP = 1795851637.4  # TAI unix seconds: 2026-11-28T07:40:37, in the calibs' validity
 STAGE_RECORDS = ("prep", "ingest", "pipeline", "export", "apdb")
 
-STAND_IN_SNAKEFILE = '''\
+STAND_IN_SNAKEFILE = """\
 # Stand-in for the real Snakefile: same rules, group, paths and resources; each
 # step only records where it ran (tests/test_k8s_profile.py).
 TAIL = "{instrument}/{day_obs}/{group}/{detector}"
@@ -98,24 +98,24 @@ def step(name, inputs, resources):
 
 step("prep", {"visit": VISIT_FILE}, {"mem_mb": 1000})
 step("ingest", {"visit": VISIT_FILE}, {"mem_mb": 1000})
-step("run_pipeline", {"visit": VISIT_FILE, "prep": WORK + "/prep.json", "ingest": WORK + "/ingest.json"},
+step("pipeline", {"visit": VISIT_FILE, "prep": WORK + "/prep.json", "ingest": WORK + "/ingest.json"},
      {"mem_mb": 4000})
-step("export_outputs", {"visit": VISIT_FILE, "pipeline": WORK + "/run_pipeline.json"}, {"mem_mb": 1000})
-step("apdb_load", {"visit": VISIT_FILE, "pipeline": WORK + "/run_pipeline.json"}, {"mem_mb": 1000})
+step("export", {"visit": VISIT_FILE, "pipeline": WORK + "/pipeline.json"}, {"mem_mb": 1000})
+step("apdb", {"visit": VISIT_FILE, "pipeline": WORK + "/pipeline.json"}, {"mem_mb": 1000})
 
 
-rule finish_target:
+rule finish:
     input:
         visit=VISIT_FILE,
-        records=expand(WORK + "/{name}.json", name=["prep", "ingest", "run_pipeline", "export_outputs",
-                       "apdb_load"], allow_missing=True),
+        records=expand(WORK + "/{name}.json", name=["prep", "ingest", "pipeline", "export",
+                       "apdb"], allow_missing=True),
     output:
         done="results/" + TAIL + "/done.json",
     group:
         "detector_visit"
     script:
         "scripts/step.py"
-'''
+"""
 
 STAND_IN_STEP = '''\
 """One stand-in step: record the rule, its inputs, the pod directory and the credentials seen."""
@@ -151,9 +151,21 @@ def _visits() -> list[DetectorVisit]:
     """Two detector-visits of one LSSTComCamSim group."""
     stamp = 1795851337.4
     next_visit = NextVisit(
-        salIndex=2, scriptSalIndex=1, instrument="LSSTComCamSim", groupId="2026-11-28T07:35:00.000",
-        coordinateSystem=2, position=[150.1, 2.2], startTime=stamp, rotationSystem=2, cameraAngle=12.0,
-        filters="u_02", dome=2, duration=30.0, nimages=1, survey="k8s-test", totalCheckpoints=0,
+        salIndex=2,
+        scriptSalIndex=1,
+        instrument="LSSTComCamSim",
+        groupId="2026-11-28T07:35:00.000",
+        coordinateSystem=2,
+        position=[150.1, 2.2],
+        startTime=stamp,
+        rotationSystem=2,
+        cameraAngle=12.0,
+        filters="u_02",
+        dome=2,
+        duration=30.0,
+        nimages=1,
+        survey="k8s-test",
+        totalCheckpoints=0,
         private_sndStamp=stamp,
     )
     return next_visit.fan_out(DETECTORS)
@@ -176,24 +188,47 @@ def _write_stand_in(dest: Path) -> Path:
 
 
 def _snakemake(
-    entry: str, workdir: Path, s3_server: S3Server, prefix: str, env: Mapping[str, str], *args: str,
+    entry: str,
+    workdir: Path,
+    s3_server: S3Server,
+    prefix: str,
+    env: Mapping[str, str],
+    *args: str,
 ) -> subprocess.CompletedProcess[str]:
     """Run ``python -m <entry> --profile profiles/k8s`` in ``workdir`` against the test S3."""
     command = [
-        sys.executable, "-m", entry, "--profile", str(PROFILE), "--nolock",
-        "--storage-s3-endpoint-url", s3_server.endpoint_url, "--default-storage-prefix", prefix,
+        sys.executable,
+        "-m",
+        entry,
+        "--profile",
+        str(PROFILE),
+        "--nolock",
+        "--storage-s3-endpoint-url",
+        s3_server.endpoint_url,
+        "--default-storage-prefix",
+        prefix,
         *args,
     ]
-    return subprocess.run(command, cwd=workdir, env=dict(env), capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        command,
+        cwd=workdir,
+        env=dict(env),
+        capture_output=True,
+        text=True,
+        timeout=RUN_TIMEOUT,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def _submit_env(home: Path, s3_server: S3Server, kubeconfig: Path | None) -> dict[str, str]:
     """Environment of the submitting shell: the credentials, and a kubeconfig or none at all."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("KUBE", "AWS_", "SNAKEMAKE_", "PG"))}
-    env.update(HOME=str(home), AWS_ACCESS_KEY_ID=s3_server.access_key,
-               AWS_SECRET_ACCESS_KEY=s3_server.secret_key, PGPASSWORD=f"pg-{secrets.token_hex(8)}")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "AWS_", "SNAKEMAKE_", "PG"))}
+    env.update(
+        HOME=str(home),
+        AWS_ACCESS_KEY_ID=s3_server.access_key,
+        AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+        PGPASSWORD=f"pg-{secrets.token_hex(8)}",
+    )
     env["KUBECONFIG"] = str(kubeconfig) if kubeconfig else str(home / "no-such-kubeconfig")
     return env
 
@@ -209,8 +244,9 @@ def _target_jobs(job: Mapping[str, Any]) -> set[tuple[str, int]]:
     return {(rule, int(detector)) for rule, detector in re.findall(r"'(\w+):[^']*detector=(\d+)'", command)}
 
 
-def _upload_visits(s3_server: S3Server, prefix_key: str,
-                   visits: list[DetectorVisit] | None = None) -> list[DetectorVisit]:
+def _upload_visits(
+    s3_server: S3Server, prefix_key: str, visits: list[DetectorVisit] | None = None
+) -> list[DetectorVisit]:
     """Put visit files (default: `_visits`) under ``s3://BUCKET/<prefix_key>/``, where the targets' inputs are."""
     client = s3_server.client()
     if BUCKET not in {b["Name"] for b in client.list_buckets()["Buckets"]}:
@@ -233,7 +269,7 @@ def _real_run_setup(run_dir: Path, workdir: Path, s3_server: S3Server) -> tuple[
     -------
     config : `dict`
         The merged configuration the pods see.
-    visits : `list` [`workflow.visit.DetectorVisit`]
+    visits : `list` [`workflow.core.visit.DetectorVisit`]
         The two detector-visits (their visit files not yet uploaded).
     """
     raw_bucket = f"raw-{secrets.token_hex(4)}"
@@ -248,8 +284,14 @@ def _real_run_setup(run_dir: Path, workdir: Path, s3_server: S3Server) -> tuple[
     overlay = workdir / "k8s-site.yaml"
     overlay.write_text(yaml.safe_dump(site))
     config = load_config(instrument="LSSTComCamSim", extra_files=[overlay])
-    build_demo_repo(config["central_repo"], ["LSSTComCamSim"], n_visits=1, scale=REAL_SCALE,
-                    n_detectors=len(REAL_DETECTORS), progress=False)
+    build_demo_repo(
+        config["central_repo"],
+        ["LSSTComCamSim"],
+        n_visits=1,
+        scale=REAL_SCALE,
+        n_detectors=len(REAL_DETECTORS),
+        progress=False,
+    )
     client = s3_server.client()
     client.create_bucket(Bucket=raw_bucket)
     # A fixed time (the day of `_visits`), so the simulated raws, and what the pipeline finds, are the same each run.
@@ -260,12 +302,16 @@ def _real_run_setup(run_dir: Path, workdir: Path, s3_server: S3Server) -> tuple[
     return config, visit.fan_out(REAL_DETECTORS)
 
 
-def _ran_one_pod_per_detector_visit(result: subprocess.CompletedProcess[str], fake_k8s: FakeKubernetes,
-                                    visits: list[DetectorVisit]) -> dict[int, PodRun]:
+def _ran_one_pod_per_detector_visit(
+    result: subprocess.CompletedProcess[str], fake_k8s: FakeKubernetes, visits: list[DetectorVisit]
+) -> dict[int, PodRun]:
     """Check the run succeeded with one Job per detector-visit running its whole chain; return pods by detector."""
     output = result.stdout + result.stderr
-    pod_logs = {name: pod.log_path.read_text(errors="replace")[-3000:] for name, pod in fake_k8s.pods.items()
-                if pod.log_path.exists()}
+    pod_logs = {
+        name: pod.log_path.read_text(errors="replace")[-3000:]
+        for name, pod in fake_k8s.pods.items()
+        if pod.log_path.exists()
+    }
     assert result.returncode == 0, output[-3000:] + json.dumps(pod_logs, indent=1)
     assert len(fake_k8s.jobs) == len(visits)
     pods_by_detector: dict[int, PodRun] = {}
@@ -285,18 +331,23 @@ def fake_k8s(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[FakeKub
     """A fake API server with the profile's namespace; ``pod_mode`` from the test's parameter."""
     mode: PodMode = getattr(request, "param", "run")
     pod_env = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.defpath}", "LANG": "C.UTF-8"}
-    with FakeKubernetes(tmp_path / "pods", namespaces=(_profile()["kubernetes-namespace"],), pod_mode=mode,
-                        pod_env=pod_env, pod_timeout=RUN_TIMEOUT) as fake:
+    with FakeKubernetes(
+        tmp_path / "pods",
+        namespaces=(_profile()["kubernetes-namespace"],),
+        pod_mode=mode,
+        pod_env=pod_env,
+        pod_timeout=RUN_TIMEOUT,
+    ) as fake:
         yield fake
 
 
 def _stage_servers_under(root: Path) -> dict[int, str]:
     """Return ``pid: socket path`` of the stage servers running with their working directory under ``root``.
 
-    A pod's stage client starts the node's stage server (`workflow.stage_client`) in
+    A pod's stage client starts the node's stage server (`workflow.runtime.stage_client`) in
     its own session, with the pod's directory as working directory: the fake's
     killing of a pod's process group does not reach it, and it exits only after
-    `workflow.stage_server.IDLE_TIMEOUT_S` idle.
+    `workflow.runtime.stage_server.IDLE_TIMEOUT_S` idle.
     """
     found = {}
     for proc in Path("/proc").iterdir():
@@ -307,7 +358,7 @@ def _stage_servers_under(root: Path) -> dict[int, str]:
             cwd = Path(os.readlink(proc / "cwd"))
         except OSError:
             continue
-        if argv[-2:-1] == ["workflow.stage_server"] and cwd.is_relative_to(root):
+        if argv[-2:-1] == ["workflow.runtime.stage_server"] and cwd.is_relative_to(root):
             found[int(proc.name)] = argv[-1]
     return found
 
@@ -338,7 +389,7 @@ def stage_servers(tmp_path: Path) -> Iterator[None]:
     while any(_alive(pid) for pid in stopped) and time.monotonic() < deadline:
         time.sleep(0.1)
     for path in set(stopped.values()):
-        # Under the clients' start lock (workflow.stage_client), no server is starting: if nobody
+        # Under the clients' start lock (workflow.runtime.stage_client), no server is starting: if nobody
         # listens, the socket is the stale one of a server stopped above.
         with open(f"{path}.lock", "a") as lock:
             try:
@@ -369,8 +420,14 @@ class TestK8sProfileFile:
 
     def test_documents_how_to_run_in_production(self) -> None:
         header = (PROFILE / "config.yaml").read_text().split("\nexecutor:")[0]
-        for needed in (*CREDENTIAL_VARS, "KUBECONFIG", "python -m workflow.k8s_executor",
-                       "default-storage-prefix", "container-image", "-n"):
+        for needed in (
+            *CREDENTIAL_VARS,
+            "KUBECONFIG",
+            "python -m workflow.runtime.k8s_executor",
+            "default-storage-prefix",
+            "container-image",
+            "-n",
+        ):
             assert needed in header, needed
 
     def test_one_component_per_group_job(self) -> None:
@@ -381,11 +438,11 @@ class TestK8sProfileFile:
 
 
 class TestK8sExecutor:
-    """Tests for `workflow.k8s_executor`."""
+    """Tests for `workflow.runtime.k8s_executor`."""
 
     def test_install_turns_off_pod_pip_install_once(self) -> None:
         code = (
-            "from workflow.k8s_executor import install\n"
+            "from workflow.runtime.k8s_executor import install\n"
             "from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry as R\n"
             "before = R().get_plugin('kubernetes').common_settings\n"
             "print(install(), install())\n"
@@ -393,8 +450,9 @@ class TestK8sExecutor:
             "print(before.auto_deploy_default_storage_provider, after.auto_deploy_default_storage_provider)\n"
             "print(before.implies_no_shared_fs == after.implies_no_shared_fs, after.job_deploy_sources)\n"
         )
-        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
-                                cwd=PROJECT_ROOT)
+        result = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT
+        )
         assert result.returncode == 0, result.stderr
         assert result.stdout.split("\n")[:3] == ["True False", "True False", "True True"]
 
@@ -410,8 +468,9 @@ class TestK8sProfileDryRun:
         visits = _upload_visits(s3_server, "dry")
         workdir = copy_workflow(tmp_path / "checkout")
         env = _submit_env(tmp_path, s3_server, kubeconfig=None)
-        result = _snakemake("snakemake", workdir, s3_server, f"s3://{BUCKET}/dry", env,
-                            "-n", "--", *map(_target, visits))
+        result = _snakemake(
+            "snakemake", workdir, s3_server, f"s3://{BUCKET}/dry", env, "-n", "--", *map(_target, visits)
+        )
         output = result.stdout + result.stderr
         assert result.returncode == 0, output[-3000:]
         assert not Path(env["KUBECONFIG"]).exists() and not (tmp_path / ".kube").exists()
@@ -430,8 +489,10 @@ class TestK8sProfileDryRun:
         output = result.stdout + result.stderr
         assert result.returncode == 1
         assert "Missing input files for rule prep" in output
-        assert f"s3://{BUCKET}/dry-missing/{_visit_key(visits[0]).replace(f'/{visits[0].detector}.json', '/99.json')}" \
+        assert (
+            f"s3://{BUCKET}/dry-missing/{_visit_key(visits[0]).replace(f'/{visits[0].detector}.json', '/99.json')}"
             " (in storage)" in output
+        )
 
 
 class TestK8sProfileJobs:
@@ -439,13 +500,25 @@ class TestK8sProfileJobs:
 
     @pytest.mark.parametrize("fake_k8s", ["fail"], indirect=True)
     def test_one_job_per_detector_visit_with_profile_settings(
-        self, tmp_path: Path, s3_server: S3Server, fake_k8s: FakeKubernetes,
+        self,
+        tmp_path: Path,
+        s3_server: S3Server,
+        fake_k8s: FakeKubernetes,
     ) -> None:
         visits = _upload_visits(s3_server, "jobs")
         workdir = copy_workflow(tmp_path / "checkout")
         env = _submit_env(tmp_path, s3_server, fake_k8s.write_kubeconfig(tmp_path / "kubeconfig"))
-        result = _snakemake("snakemake", workdir, s3_server, f"s3://{BUCKET}/jobs", env,
-                            "--seconds-between-status-checks", "1", "--", *map(_target, visits))
+        result = _snakemake(
+            "snakemake",
+            workdir,
+            s3_server,
+            f"s3://{BUCKET}/jobs",
+            env,
+            "--seconds-between-status-checks",
+            "1",
+            "--",
+            *map(_target, visits),
+        )
         output = result.stdout + result.stderr
         # The fake fails every pod at once: the run fails, having submitted everything.
         assert result.returncode == 1, output[-3000:]
@@ -453,17 +526,18 @@ class TestK8sProfileJobs:
         namespace = profile["kubernetes-namespace"]
 
         # One Job per detector-visit, each running that detector's whole chain.
-        assert len(fake_k8s.jobs) == len(visits)
+        assert len(fake_k8s.jobs) == len(visits), output[-3000:]
         assert sorted(sorted(_target_jobs(job)) for job in fake_k8s.jobs) == sorted(
-            sorted((rule, visit.detector) for rule in RULES) for visit in visits)
-        assert {ns for _, path in fake_k8s.requests for ns in re.findall(r"/namespaces/([^/]+)/", path)} == {
-            namespace}
+            sorted((rule, visit.detector) for rule in RULES) for visit in visits
+        )
+        assert {ns for _, path in fake_k8s.requests for ns in re.findall(r"/namespaces/([^/]+)/", path)} == {namespace}
 
-        # Requests: CPU = cores x scalar; memory and disk = run_pipeline's, the chain's maximum
-        # (prep + ingest, or export_outputs + apdb_load, side by side need less).
+        # Requests: CPU = cores x scalar; memory and disk = pipeline's, the chain's maximum
+        # (prep + ingest, or export + apdb, side by side need less).
         expected_cpu = f"{int(profile['cores'] * profile['kubernetes-cpu-scalar'] * 1000)}m"
-        run_pipeline = dict(item.split(":", 1)[1].split("=") for item in profile["set-resources"]
-                            if item.startswith("run_pipeline:"))
+        pipeline = dict(
+            item.split(":", 1)[1].split("=") for item in profile["set-resources"] if item.startswith("pipeline:")
+        )
         for job in fake_k8s.jobs:
             container = _container(job)
             assert container["image"] == profile["container-image"]
@@ -471,11 +545,12 @@ class TestK8sProfileJobs:
             command = container["args"][1]
             assert "python -m snakemake --snakefile 'Snakefile'" in command and "--mode 'remote'" in command
             assert f"--default-storage-prefix 's3://{BUCKET}/jobs'" in command
-            # Stock plugin: every pod pip-installs the storage plugin (why workflow.k8s_executor exists).
+            # Stock plugin: every pod pip-installs the storage plugin (why workflow.runtime.k8s_executor exists).
             assert "pip install" in command
             assert container["resources"]["requests"] == {
-                "cpu": expected_cpu, "memory": f"{run_pipeline['mem_mb']}M",
-                "ephemeral-storage": f"{run_pipeline['disk_mb']}M",
+                "cpu": expected_cpu,
+                "memory": f"{pipeline['mem_mb']}M",
+                "ephemeral-storage": f"{pipeline['disk_mb']}M",
             }
             assert expected_cpu == "1000m"
             assert "limits" not in container["resources"]
@@ -511,16 +586,28 @@ class TestK8sProfileJobs:
 
 
 class TestK8sProfileRun:
-    """Tests for a run to completion with ``python -m workflow.k8s_executor --profile profiles/k8s``."""
+    """Tests for a run to completion with ``python -m workflow.runtime.k8s_executor --profile profiles/k8s``."""
 
     def test_chain_runs_to_completion_in_one_pod_per_detector_visit(
-        self, tmp_path: Path, s3_server: S3Server, fake_k8s: FakeKubernetes,
+        self,
+        tmp_path: Path,
+        s3_server: S3Server,
+        fake_k8s: FakeKubernetes,
     ) -> None:
         visits = _upload_visits(s3_server, "run")
         workdir = _write_stand_in(tmp_path / "checkout")
         env = _submit_env(tmp_path, s3_server, fake_k8s.write_kubeconfig(tmp_path / "kubeconfig"))
-        result = _snakemake("workflow.k8s_executor", workdir, s3_server, f"s3://{BUCKET}/run", env,
-                            "--seconds-between-status-checks", "1", "--", *map(_target, visits))
+        result = _snakemake(
+            "workflow.runtime.k8s_executor",
+            workdir,
+            s3_server,
+            f"s3://{BUCKET}/run",
+            env,
+            "--seconds-between-status-checks",
+            "1",
+            "--",
+            *map(_target, visits),
+        )
         pods_by_detector = _ran_one_pod_per_detector_visit(result, fake_k8s, visits)
 
         client = s3_server.client()
@@ -529,7 +616,7 @@ class TestK8sProfileRun:
             key = f"run/{_target(visit)}"
             done = json.loads(client.get_object(Bucket=BUCKET, Key=key)["Body"].read())
             pod = pods_by_detector[visit.detector]
-            assert done["rule"] == "finish_target" and done["detector"] == visit.detector
+            assert done["rule"] == "finish" and done["detector"] == visit.detector
             assert done["visit"] == json.loads(visit.to_json())
             steps = [done, *done["inputs"], *(r for record in done["inputs"] for r in record["inputs"])]
             assert {step["rule"] for step in steps} == set(RULES)
@@ -541,7 +628,11 @@ class TestK8sProfileRun:
         assert ("Secret", fake_k8s.secrets[0]["metadata"]["name"]) in {(k, n) for k, _, n in fake_k8s.deleted}
 
     def test_real_chain_runs_to_completion_in_one_pod_per_detector_visit(
-        self, tmp_path: Path, s3_server: S3Server, stage_servers: None, fake_k8s: FakeKubernetes,
+        self,
+        tmp_path: Path,
+        s3_server: S3Server,
+        stage_servers: None,
+        fake_k8s: FakeKubernetes,
     ) -> None:
         """The real Snakefile, a small central repo and APDB: each pod runs a detector's whole chain."""
         workdir = copy_workflow(tmp_path / "checkout")
@@ -549,10 +640,20 @@ class TestK8sProfileRun:
         prefix = f"real-{secrets.token_hex(4)}"  # the visits are the same each run: a fresh prefix for each
         _upload_visits(s3_server, prefix, visits)
         env = _submit_env(tmp_path, s3_server, fake_k8s.write_kubeconfig(tmp_path / "kubeconfig"))
-        result = _snakemake("workflow.k8s_executor", workdir, s3_server, f"s3://{BUCKET}/{prefix}", env,
-                            "--seconds-between-status-checks", "1",
-                            "--configfile", "config/instruments/LSSTComCamSim.yaml", "k8s-site.yaml",
-                            "--", *map(_target, visits))
+        result = _snakemake(
+            "workflow.runtime.k8s_executor",
+            workdir,
+            s3_server,
+            f"s3://{BUCKET}/{prefix}",
+            env,
+            "--seconds-between-status-checks",
+            "1",
+            "--configfile",
+            "config/instruments/LSSTComCamSim.yaml",
+            "k8s-site.yaml",
+            "--",
+            *map(_target, visits),
+        )
         pods_by_detector = _ran_one_pod_per_detector_visit(result, fake_k8s, visits)
         for job in fake_k8s.jobs:  # config files by relative path, unpacked from the source archive into each pod
             command = _container(job)["args"][1]
@@ -573,15 +674,22 @@ class TestK8sProfileRun:
             done = json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/{_target(visit)}")["Body"].read())
             where = f"detector {visit.detector}: {done}"
             assert (done["detector"], done["group"], done["day_obs"]) == (
-                visit.detector, visit.groupId, visit.day_obs), where
+                visit.detector,
+                visit.groupId,
+                visit.day_obs,
+            ), where
             # Both detectors have a template: the first-choice pipeline ran, with DIA sources.
             assert (done["outcome"], done["pipeline"]) == ("ok", "ApPipe"), where
             assert set(done["stage_seconds"]) == set(STAGE_RECORDS), where
             assert all(isinstance(seconds, float) for seconds in done["stage_seconds"].values()), where
             assert done["stage_seconds"]["pipeline"] > 0, where
             # The stage records went to S3 under work_area/, as in production (no shared filesystem).
-            records = {name: json.loads(client.get_object(Bucket=BUCKET, Key=f"{prefix}/work_area/{tail}/{name}.json")
-                                        ["Body"].read()) for name in STAGE_RECORDS}
+            records = {
+                name: json.loads(
+                    client.get_object(Bucket=BUCKET, Key=f"{prefix}/work_area/{tail}/{name}.json")["Body"].read()
+                )["body"]
+                for name in STAGE_RECORDS
+            }
             assert records["ingest"]["source"] == "bucket" and len(records["ingest"]["raws"]) == 1
             assert records["pipeline"]["pipeline"] == "ApPipe"
             export = records["export"]
@@ -596,7 +704,9 @@ class TestK8sProfileRun:
             for detector, pod in pods_by_detector.items():
                 assert (pod.workdir / "work_area" / tail / "raws").is_dir() == (detector == visit.detector)
             # The APDB record: this detector-visit's DIA sources, stored.
-            assert done["apdb"] == {k: v for k, v in records["apdb"].items() if k != "seconds"}
+            assert done["apdb"] == records["apdb"]
+            # What each forked stage used, from its own rusage (not the stage client's).
+            assert done["stage_resources"]["pipeline"]["cpu_user_s"] > 0, where
             assert done["apdb"]["stored"] is True and done["apdb"]["n_dia_sources"] > 0, where
             apdb_rows[data_id] = done["apdb"]["n_dia_sources"]
 

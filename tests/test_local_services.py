@@ -1,4 +1,4 @@
-"""Tests for `stream_shim.local_services` and `stream_shim.filer_events`.
+"""Tests for `stream_shim.testbed.local_services` and `stream_shim.filer_events`.
 
 The round trips talk to real servers (fixtures in conftest.py).
 """
@@ -18,7 +18,7 @@ from confluent_kafka import Consumer, Message, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from stream_shim.filer_events import CREATED, DELETED, RENAMED, UPDATED, FilerEvent, decode_filer_event
-from stream_shim.local_services import (
+from stream_shim.testbed.local_services import (
     KafkaBroker,
     LocalServer,
     PostgresServer,
@@ -26,7 +26,7 @@ from stream_shim.local_services import (
     free_port,
     process_alive,
 )
-from workflow.exceptions import ServiceStartError
+from workflow.core.exceptions import ServiceStartError
 
 WAIT = 15.0  # Seconds to wait for a Kafka message before failing.
 
@@ -176,7 +176,11 @@ def _event(old: bytes | None = None, new: bytes | None = None, parent: str = "")
         (b"/buckets/raw/a", _event(new=_entry("a", is_dir=True), parent="/buckets/raw"), None),
         (b"/buckets/raw", _event(new=_entry("raw", is_dir=True), parent="/buckets"), None),
         (b"/buckets/.system/owners/x", _event(new=_entry("x"), parent="/buckets/.system/owners"), None),
-        (b"/buckets/raw/.uploads/id/0001.part", _event(new=_entry("0001.part"), parent="/buckets/raw/.uploads/id"), None),
+        (
+            b"/buckets/raw/.uploads/id/0001.part",
+            _event(new=_entry("0001.part"), parent="/buckets/raw/.uploads/id"),
+            None,
+        ),
         (b"/etc/x", _event(new=_entry("x"), parent="/etc"), None),
         (b"/buckets/raw/b", _field(6, _varint(1)), None),
     ],
@@ -231,7 +235,7 @@ def test_immediate_exit_raises_with_log(tmp_path: Path, server_class: type[Local
 
 
 def test_start_timeout_raises_and_kills(tmp_path: Path) -> None:
-    binary = _fake_binary(tmp_path, "echo \"still booting as $$\"\nexec sleep 60\n")
+    binary = _fake_binary(tmp_path, 'echo "still booting as $$"\nexec sleep 60\n')
     server = KafkaBroker(tmp_path, binary=binary, timeout=0.5)
     started = time.monotonic()
     with pytest.raises(ServiceStartError, match=r"not ready after 0.5 s \(last probe error: .*\)[\s\S]*still booting"):
@@ -300,7 +304,7 @@ def test_server_dies_with_its_parent(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""
         import os, signal
-        from stream_shim.local_services import KafkaBroker
+        from stream_shim.testbed.local_services import KafkaBroker
         broker = KafkaBroker({str(tmp_path)!r})
         broker.start()
         print(broker.pid, flush=True)

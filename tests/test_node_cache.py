@@ -1,4 +1,4 @@
-"""Tests for `workflow.node_cache`: fetch once, bounded size, safe under concurrency."""
+"""Tests for `workflow.stages.node_cache`: fetch once, bounded size, safe under concurrency."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import multiprocessing
 import time
 from pathlib import Path
 
-from workflow.node_cache import NodeCache
+from workflow.stages.node_cache import NodeCache
 
 
 def _writer(content: bytes, calls: list | None = None):

@@ -7,7 +7,7 @@ import tomllib
 import yaml
 from packaging.requirements import Requirement
 
-from workflow.config import PROJECT_ROOT
+from workflow.core.config import PROJECT_ROOT
 
 
 def _pyproject_pins() -> dict[str, str]:
@@ -52,9 +52,7 @@ def test_conda_envs_agree_with_pyproject():
         pins = _conda_pip_pins(path)
         for name, version in pins.items():
             assert name in expected, f"{path.name}: {name} is not a pyproject dependency"
-            assert version == expected[name], (
-                f"{path.name}: {name}=={version}, pyproject pins {expected[name]}"
-            )
+            assert version == expected[name], f"{path.name}: {name}=={version}, pyproject pins {expected[name]}"
         seen.update(pins)
     runtime = {n for n in expected if n != "pytest"}
     assert runtime <= set(seen), f"missing from envs/: {sorted(runtime - set(seen))}"

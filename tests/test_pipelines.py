@@ -1,4 +1,4 @@
-"""Tests for `workflow.pipelines` and the exposure FITS I/O of `workflow.exposure`."""
+"""Tests for `workflow.science.pipelines` and the exposure FITS I/O of `workflow.science.exposure`."""
 
 from __future__ import annotations
 
@@ -10,18 +10,11 @@ import numpy as np
 from astropy.io import fits
 from science_images import make_raw, make_scene, make_wcs, observe
 
-from workflow.config import load_yaml
-from workflow.exceptions import ConfigError
-from workflow.exposure import (
-    BadImageError,
-    CorruptFileError,
-    Exposure,
-    NoTemplateError,
-    TooFewStarsError,
-    read_exposure,
-    write_exposure,
-)
-from workflow.pipelines import NoPipelineRanError, ProcessingInputs, run_pipelines, select_pipelines
+from workflow.core.config import load_yaml
+from workflow.core.exceptions import ConfigError
+from workflow.science.errors import BadImageError, CorruptFileError, NoTemplateError, TooFewStarsError
+from workflow.science.exposure import Exposure, read_exposure, write_exposure
+from workflow.science.pipelines import NoPipelineRanError, ProcessingInputs, run_pipelines, select_pipelines
 
 SHAPE = (512, 512)
 CONFIG = Path(__file__).resolve().parent.parent / "config"
@@ -46,21 +39,21 @@ def _inputs(scene, *, templates=None, image=None, refcat=None) -> ProcessingInpu
 
 
 class RunPipelinesTestCase(unittest.TestCase):
-    """Tests for `workflow.pipelines.run_pipelines` and its fallback."""
+    """Tests for `workflow.science.pipelines.run_pipelines` and its fallback."""
 
     @classmethod
     def setUpClass(cls) -> None:
         cls.scene = make_scene(SHAPE, inject_snr=np.array([15.0, 20.0, 25.0]), seed=31)
 
     def test_ap_pipe_runs(self) -> None:
-        with self.assertLogs("timer.workflow.isr", level="DEBUG") as logs:
+        with self.assertLogs("timer.workflow.science.isr", level="DEBUG") as logs:
             run = run_pipelines(ORDER, DEFINITIONS, _inputs(self.scene))
         self.assertEqual(run.pipeline, "ApPipe")
         self.assertEqual([a.status for a in run.attempts], ["succeeded", "not_run", "not_run"])
         self.assertEqual(run.attempts[1].reason, "ApPipe succeeded")
         self.assertEqual([t.step for t in run.timings], DEFINITIONS["ApPipe"])
         self.assertTrue(all(t.wall_s > 0 and t.cpu_s >= 0 for t in run.timings))
-        expected = r"DEBUG:timer.workflow.isr:isr \(ApPipe\): wall [0-9.]+ s, cpu [0-9.]+ s"
+        expected = r"DEBUG:timer.workflow.science.isr:isr \(ApPipe\): wall [0-9.]+ s, cpu [0-9.]+ s"
         self.assertRegex(logs.output[0], expected)
         dia = run.outputs["dia_sources"]
         self.assertGreaterEqual(len(dia), 3)
@@ -110,7 +103,7 @@ class RunPipelinesTestCase(unittest.TestCase):
 
 
 class SelectPipelinesTestCase(unittest.TestCase):
-    """Tests for `workflow.pipelines.select_pipelines`."""
+    """Tests for `workflow.science.pipelines.select_pipelines`."""
 
     NODES = [
         {"survey": "BLOCK-365", "pipelines": []},
@@ -136,7 +129,7 @@ class SelectPipelinesTestCase(unittest.TestCase):
 
 
 class ExposureIoTestCase(unittest.TestCase):
-    """Tests for `workflow.exposure.write_exposure` and `read_exposure`."""
+    """Tests for `workflow.science.exposure.write_exposure` and `read_exposure`."""
 
     @classmethod
     def setUpClass(cls) -> None:

@@ -1,4 +1,4 @@
-"""Tests for `workflow.raw_fits`."""
+"""Tests for `workflow.core.raw_fits`."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from workflow.amplifiers import DetectorGeometry, disassemble_image
-from workflow.config import load_config
-from workflow.raw_fits import RawImage, raw_sidecar, read_raw, write_raw
+from workflow.core.amplifiers import DetectorGeometry, disassemble_image
+from workflow.core.config import load_config
+from workflow.core.raw_fits import RawImage, raw_sidecar, read_raw, write_raw
 
 
 class RawFitsTestCase(unittest.TestCase):
@@ -23,8 +23,7 @@ class RawFitsTestCase(unittest.TestCase):
         image = np.arange(self.geom.nx * self.geom.ny, dtype=np.int32).reshape(self.geom.shape)
         header = fits.Header({"INSTRUME": "LATISS", "GROUPID": "g", "EXPTIME": 30.0, "DETECTOR": 0})
         header["COMMENT"] = "not in the sidecar"
-        self.raw = RawImage(header=header, segments=disassemble_image(image, self.geom, fill=7),
-                            segment_headers={})
+        self.raw = RawImage(header=header, segments=disassemble_image(image, self.geom, fill=7), segment_headers={})
         self.image = image
 
     def test_round_trip(self) -> None:

@@ -1,12 +1,12 @@
-"""Tests for `workflow.raw_keys`: format and parse raw keys for every instrument layout."""
+"""Tests for `workflow.core.raw_keys`: format and parse raw keys for every instrument layout."""
 
 from __future__ import annotations
 
 import pytest
 
-from workflow.config import known_instruments, load_config
-from workflow.exceptions import ConfigError
-from workflow.raw_keys import RawKeyLayout, lsst_exposure_id, lsst_obs_id, sidecar_key
+from workflow.core.config import known_instruments, load_config
+from workflow.core.exceptions import ConfigError
+from workflow.core.raw_keys import RawKeyLayout, lsst_exposure_id, lsst_obs_id, sidecar_key
 
 VALUES = dict(
     day_obs="2026-11-28",
@@ -45,7 +45,11 @@ def test_hsc_key_with_hyphenated_group_parses():
     key = "HSC/50/2026-11-28T07:12:13.123/0/904010/HSC-R2/HSC-2026-11-28T07:12:13.123-0-904010-HSC-R2-50.fz"
     fields = layout.parse(key)
     assert (fields.detector, fields.group, fields.exposure, fields.physical_filter) == (
-        50, "2026-11-28T07:12:13.123", 904010, "HSC-R2")
+        50,
+        "2026-11-28T07:12:13.123",
+        904010,
+        "HSC-R2",
+    )
 
 
 @pytest.mark.parametrize(

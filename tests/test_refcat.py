@@ -1,4 +1,4 @@
-"""Tests for `workflow.refcat`."""
+"""Tests for `workflow.sim.refcat`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import unittest
 import lsst.sphgeom as sphgeom
 import numpy as np
 
-from workflow.refcat import (
+from workflow.sim.refcat import (
     RefcatModel,
     flux_from_mag,
     load_refcat,

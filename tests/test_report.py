@@ -1,4 +1,4 @@
-"""Tests for `workflow.metrics`, `workflow.report`, ``scripts/make_report.py`` and
+"""Tests for `workflow.outcomes.metrics`, `workflow.outcomes.report`, ``scripts/make_report.py`` and
 ``report/Snakefile``: metrics of a fabricated night, the pictures, and the Snakemake
 HTML report rendered in headless Chromium with every image loaded."""
 
@@ -16,13 +16,14 @@ import pandas as pd
 import pytest
 from astropy.io import fits
 
-from workflow.config import PROJECT_ROOT
-from workflow.metrics import night_metrics, nights, percentiles, read_benchmarks, render_prometheus
-from workflow.report import (
+from workflow.core.config import PROJECT_ROOT
+from workflow.outcomes.metrics import night_metrics, nights, percentiles, read_benchmarks, render_prometheus
+from workflow.outcomes.report import (
     build_report,
     render_rulegraph,
     select_cutout_sources,
 )
+from workflow.stages.records import StageRecord, write_record
 
 INSTRUMENT = "LSSTComCamSim"
 DAY_OBS = "2026-11-27"
@@ -33,11 +34,16 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _image(path: Path, data: np.ndarray) -> None:
-    """A product file shaped like `workflow.exposure.write_exposure` output."""
+    """A product file shaped like `workflow.science.exposure.write_exposure` output."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(data.astype(np.float32), name="IMAGE"),
-                  fits.ImageHDU(np.zeros(data.shape, np.int32), name="MASK"),
-                  fits.ImageHDU(np.ones(data.shape, np.float32), name="VARIANCE")]).writeto(path)  # fmt: skip
+    fits.HDUList(
+        [
+            fits.PrimaryHDU(),
+            fits.ImageHDU(data.astype(np.float32), name="IMAGE"),
+            fits.ImageHDU(np.zeros(data.shape, np.int32), name="MASK"),
+            fits.ImageHDU(np.ones(data.shape, np.float32), name="VARIANCE"),
+        ]
+    ).writeto(path)
 
 
 def _products(work: Path, rng: np.random.Generator, detector: int) -> dict[str, str]:
@@ -48,16 +54,28 @@ def _products(work: Path, rng: np.random.Generator, detector: int) -> dict[str, 
     template = star + rng.normal(0, 5, star.shape)
     science = star + transient + rng.normal(0, 5, star.shape)
     products = work / "products"
-    paths = {"preliminary_visit_image": products / "preliminary_visit_image.fits",
-             "template_image": products / "template_image.fits",
-             "difference_image": products / "difference_image.fits",
-             "dia_source_unfiltered": products / "dia_source_unfiltered.parquet"}  # fmt: skip
-    for name, data in (("preliminary_visit_image", science), ("template_image", template),
-                       ("difference_image", science - template)):  # fmt: skip
+    paths = {
+        "preliminary_visit_image": products / "preliminary_visit_image.fits",
+        "template_image": products / "template_image.fits",
+        "difference_image": products / "difference_image.fits",
+        "dia_source_unfiltered": products / "dia_source_unfiltered.parquet",
+    }
+    for name, data in (
+        ("preliminary_visit_image", science),
+        ("template_image", template),
+        ("difference_image", science - template),
+    ):
         _image(paths[name], data)
-    pd.DataFrame({"diaSourceId": [detector * 100 + 1, detector * 100 + 2], "x": [40.0, 10.0], "y": [25.0, 10.0],
-                  "ra": [10.0, 10.001], "dec": [-5.0, -5.001], "snr": [60.0, 5.5]}).to_parquet(
-        paths["dia_source_unfiltered"])  # fmt: skip
+    pd.DataFrame(
+        {
+            "diaSourceId": [detector * 100 + 1, detector * 100 + 2],
+            "x": [40.0, 10.0],
+            "y": [25.0, 10.0],
+            "ra": [10.0, 10.001],
+            "dec": [-5.0, -5.001],
+            "snr": [60.0, 5.5],
+        }
+    ).to_parquet(paths["dia_source_unfiltered"])
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -76,21 +94,47 @@ def fabricate_run(root: Path, *, with_products: bool = True) -> Path:
                 bench = root / "benchmarks" / stage / tail / f"{det}.tsv"
                 bench.parent.mkdir(parents=True, exist_ok=True)
                 wall = seconds * (1 + 0.1 * det)
-                bench.write_text(BENCH_HEADER + f"{wall:.4f}\t0:00:01\t120.5\t300\t100\t110\t0\t0\t50\t{wall / 2:.2f}\n")
+                bench.write_text(
+                    BENCH_HEADER + f"{wall:.4f}\t0:00:01\t120.5\t300\t100\t110\t0\t0\t50\t{wall / 2:.2f}\n"
+                )
             if failed:
-                (result / "failed.json").write_text(json.dumps({
-                    "error": "RawTimeoutError", "retriable": True, "message": "no raws", "stage": "ingest",
-                    "instrument": INSTRUMENT, "group": group, "detector": det, "day_obs": DAY_OBS}))
+                (result / "failed.json").write_text(
+                    json.dumps(
+                        {
+                            "error": "RawTimeoutError",
+                            "retriable": True,
+                            "message": "no raws",
+                            "stage": "ingest",
+                            "instrument": INSTRUMENT,
+                            "group": group,
+                            "detector": det,
+                            "day_obs": DAY_OBS,
+                            "schema_version": 1,
+                        }
+                    )
+                )
                 continue
             work = root / "work_area" / tail / str(det)
             if with_products:
                 work.mkdir(parents=True)
-                (work / "pipeline.json").write_text(json.dumps({"products": _products(work, rng, det)}))
-            (result / "done.json").write_text(json.dumps({
-                "instrument": INSTRUMENT, "day_obs": DAY_OBS, "group": group, "detector": det,
-                "outcome": "fallback" if det == 4 else "ok", "pipeline": "SingleFrame" if det == 4 else "ApPipe",
-                "stage_seconds": {k: v for k, v in STAGES.items() if k != "finish"},
-                "apdb": {"n_dia_sources": 2, "n_new_objects": 1, "n_alerts": 0 if det == 4 else 2}}))
+                write_record(
+                    work / "pipeline.json", StageRecord(stage="pipeline", body={"products": _products(work, rng, det)})
+                )
+            (result / "done.json").write_text(
+                json.dumps(
+                    {
+                        "instrument": INSTRUMENT,
+                        "day_obs": DAY_OBS,
+                        "group": group,
+                        "detector": det,
+                        "outcome": "fallback" if det == 4 else "ok",
+                        "pipeline": "SingleFrame" if det == 4 else "ApPipe",
+                        "stage_seconds": {k: v for k, v in STAGES.items() if k != "finish"},
+                        "apdb": {"n_dia_sources": 2, "n_new_objects": 1, "n_alerts": 0 if det == 4 else 2},
+                        "schema_version": 1,
+                    }
+                )
+            )
     return root
 
 
@@ -100,7 +144,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 class TestMetrics:
-    """Tests for `workflow.metrics`."""
+    """Tests for `workflow.outcomes.metrics`."""
 
     def test_night_metrics(self, run_dir):
         assert nights(run_dir / "results") == [(INSTRUMENT, DAY_OBS)]
@@ -122,22 +166,30 @@ class TestMetrics:
     def test_benchmarks_tolerate_missing_values(self, tmp_path):
         path = tmp_path / "pipeline" / INSTRUMENT / DAY_OBS / "g1" / "3.tsv"
         path.parent.mkdir(parents=True)
-        path.write_text(BENCH_HEADER + "2.5\t0:00:02\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\n"
-                        + "3.5\t0:00:03\t-\t-\t-\t-\t-\t-\t-\t1.25\n")
+        path.write_text(
+            BENCH_HEADER
+            + "2.5\t0:00:02\tNA\tNA\tNA\tNA\tNA\tNA\tNA\tNA\n"
+            + "3.5\t0:00:03\t-\t-\t-\t-\t-\t-\t-\t1.25\n"
+        )
         (tmp_path / "pipeline" / INSTRUMENT / DAY_OBS / "g1" / "notes.tsv").write_text("x\n1\n")
         rows = read_benchmarks(tmp_path)
         assert [(r.stage, r.detector, r.wall_s, r.cpu_s) for r in rows] == [
-            ("pipeline", 3, 2.5, None), ("pipeline", 3, 3.5, 1.25)]
+            ("pipeline", 3, 2.5, None),
+            ("pipeline", 3, 3.5, 1.25),
+        ]
         assert percentiles([]) == {"n": 0, "p50": None, "p95": None, "max": None}
         assert percentiles([1, 2, 3, None]) == {"n": 3, "p50": 2.0, "p95": 2.9, "max": 3.0}
 
 
 class TestPrometheus:
-    """Tests for `workflow.metrics.render_prometheus`."""
+    """Tests for `workflow.outcomes.metrics.render_prometheus`."""
 
     def test_counters_and_labels(self):
-        text = render_prometheus({"visits_received": 3, "targets": {"ok": 5, 'we"ird': 1}, "alerts_total": 2.5},
-                                 label_names={"targets": "outcome"}, help_texts={"visits_received": "next_visit seen"})
+        text = render_prometheus(
+            {"visits_received": 3, "targets": {"ok": 5, 'we"ird': 1}, "alerts_total": 2.5},
+            label_names={"targets": "outcome"},
+            help_texts={"visits_received": "next_visit seen"},
+        )
         assert text.endswith("\n")
         assert text.splitlines() == [
             "# HELP prompt_snake_alerts_total alerts_total",
@@ -181,10 +233,10 @@ def _png_size(path: Path) -> tuple[int, int]:
 
 
 class TestReportFigures:
-    """Tests for `workflow.report`."""
+    """Tests for `workflow.outcomes.report`."""
 
     def test_cutout_selection(self, run_dir):
-        from workflow.summary import collect_outcomes
+        from workflow.outcomes.summary import collect_outcomes
 
         records = collect_outcomes(run_dir / "results")
         picked = select_cutout_sources(records, run_dir / "work_area", n=4)
@@ -196,7 +248,7 @@ class TestReportFigures:
     def test_stamp_uses_wcs_for_images_on_another_grid(self, tmp_path):
         from astropy.wcs import WCS
 
-        from workflow.report import _stamp
+        from workflow.outcomes.report import _stamp
 
         wcs = WCS(naxis=2)
         wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = ["RA---TAN", "DEC--TAN"], [10.0, -5.0], [40.0, 40.0]
@@ -267,9 +319,21 @@ def made_report(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tupl
     """Run ``scripts/make_report.py --html`` once in the fabricated run: (report dir, HTML file)."""
     html = tmp_path_factory.mktemp("html") / "report.html"
     result = subprocess.run(
-        [sys.executable, str(PROJECT_ROOT / "scripts" / "make_report.py"), "--out-dir", "build/report",
-         "--cutouts", "3", "--html", str(html)],
-        cwd=run_dir, capture_output=True, text=True, timeout=300)  # fmt: skip
+        [
+            sys.executable,
+            str(PROJECT_ROOT / "scripts" / "make_report.py"),
+            "--out-dir",
+            "build/report",
+            "--cutouts",
+            "3",
+            "--html",
+            str(html),
+        ],
+        cwd=run_dir,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return run_dir / "build" / "report", html
 
@@ -280,8 +344,10 @@ class TestHtmlReport:
     def test_make_report_files(self, made_report):
         out, _ = made_report
         assert sorted(p.name for p in (out / "cutouts").glob("*.png")) == [
-            f"{INSTRUMENT}_{GROUPS[0]}_0_1.png", f"{INSTRUMENT}_{GROUPS[0]}_8_801.png",
-            f"{INSTRUMENT}_{GROUPS[1]}_7_701.png"]  # fmt: skip
+            f"{INSTRUMENT}_{GROUPS[0]}_0_1.png",
+            f"{INSTRUMENT}_{GROUPS[0]}_8_801.png",
+            f"{INSTRUMENT}_{GROUPS[1]}_7_701.png",
+        ]
         for name in ("latency", "alerts_per_visit", "focal_plane", "rulegraph"):
             assert _png_size(out / f"{name}.png")[0] > 300
         metrics = json.loads((out / "metrics" / f"{INSTRUMENT}_{DAY_OBS}.json").read_text())
@@ -293,7 +359,7 @@ class TestHtmlReport:
 
     def test_rulegraph_with_and_without_dot(self, made_report, tmp_path):
         dot = (made_report[0] / "rulegraph.dot").read_text()
-        for rule in ("prep", "ingest", "run_pipeline", "export_outputs", "apdb_load", "finish_target"):
+        for rule in ("prep", "ingest", "pipeline", "export", "apdb", "finish"):
             assert f'label = "{rule}"' in dot
         assert _png_size(render_rulegraph(dot, tmp_path / "mpl.png", use_dot=False))[0] > 200
         if shutil.which("dot") is None:
@@ -305,8 +371,13 @@ class TestHtmlReport:
         page = html.read_text()
         results = json.loads(re.search(r"var results = (\{.*?\});\n", page, re.S).group(1))
         names = sorted(entry["name"] for entry in results.values())
-        assert {"latency.png", "alerts_per_visit.png", "focal_plane.png", "rulegraph.png",
-                f"{INSTRUMENT}_{DAY_OBS}.json"} <= set(names)  # fmt: skip
+        assert {
+            "latency.png",
+            "alerts_per_visit.png",
+            "focal_plane.png",
+            "rulegraph.png",
+            f"{INSTRUMENT}_{DAY_OBS}.json",
+        } <= set(names)
         assert sum(n.endswith(".png") for n in names) == 4 + 3
 
         checked = tmp_path / "checked.html"
@@ -314,11 +385,26 @@ class TestHtmlReport:
         checked.write_text(head + _CHECK_SCRIPT + body_end + tail)
         profile = tmp_path / "chromium-profile"
         dom = subprocess.run(
-            [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic",
-             "--no-first-run",
-             "--disable-background-networking", "--disable-component-update", "--disable-sync",
-             f"--user-data-dir={profile}", "--virtual-time-budget=20000", "--dump-dom", checked.as_uri()],
-            capture_output=True, text=True, timeout=120)  # fmt: skip
+            [
+                _chromium(),
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                checked.as_uri(),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         found = re.search(r'<pre id="img-check">(.*?)</pre>', dom.stdout, re.S)
         assert found, f"check script did not finish; stderr: {dom.stderr[-2000:]}"
         check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))

@@ -1,8 +1,8 @@
-"""Tests for the science chain (`workflow.pipelines`, `workflow.science_run`) on the project simulator.
+"""Tests for the science chain (`workflow.science.pipelines`, `workflow.stages.pipeline`) on the project simulator.
 
 One LSSTComCamSim detector-visit at 1/4 scale is simulated with
-`workflow.simulate`, its calibs with `workflow.calibs`, refcat with
-`workflow.refcat` and templates with `workflow.templates` (no Butler), and
+`workflow.sim.simulate`, its calibs with `workflow.sim.calibs`, refcat with
+`workflow.sim.refcat` and templates with `workflow.sim.templates` (no Butler), and
 run through ApPipe; results are compared with the simulator's truth.
 """
 
@@ -18,19 +18,18 @@ from astropy.io import fits
 from science_images import simulate_detector_visit, true_zero_point, wcs_error_mas
 from scipy.spatial import cKDTree
 
-from workflow.config import load_yaml
-from workflow.exposure import BadImageError, MaskPlane, NumericalFailureError, ScienceDataError
-from workflow.photometry import psf_photometry
-from workflow.pipelines import run_pipelines
-from workflow.psf import measure_psf
-from workflow.science_run import bias_in_electrons, template_patch
-from workflow.sky_model import SkyModel
+from workflow.core.config import load_yaml
+from workflow.science.errors import BadImageError, NumericalFailureError, ScienceDataError
+from workflow.science.masks import MaskPlane
+from workflow.science.photometry import psf_photometry
+from workflow.science.pipelines import run_pipelines
+from workflow.science.psf import measure_psf
+from workflow.sim.sky_model import SkyModel
+from workflow.stages.pipeline import bias_in_electrons, template_patch
 
 SEED = 7
 SCALE = 0.25
-DEFINITIONS = load_yaml(Path(__file__).resolve().parent.parent / "config" / "pipelines.yaml")[
-    "pipeline_definitions"
-]
+DEFINITIONS = load_yaml(Path(__file__).resolve().parent.parent / "config" / "pipelines.yaml")["pipeline_definitions"]
 ORDER = ["ApPipe", "SingleFrame", "Isr"]
 UNUSABLE = int(MaskPlane.BAD | MaskPlane.SAT | MaskPlane.NO_DATA | MaskPlane.EDGE | MaskPlane.SUSPECT)
 
@@ -55,7 +54,7 @@ def _expected_changes(visit, run):  # noqa: ANN001, ANN202
 
 
 class ApPipeOnSimulatorTestCase(unittest.TestCase):
-    """Tests for `workflow.pipelines.run_pipelines` on a simulated detector with variables and transients."""
+    """Tests for `workflow.science.pipelines.run_pipelines` on a simulated detector with variables and transients."""
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -138,7 +137,7 @@ class ApPipeOnSimulatorTestCase(unittest.TestCase):
 
     def test_numerical_failure_falls_back(self) -> None:
         singular = np.linalg.LinAlgError("Singular matrix")
-        with mock.patch("workflow.pipelines.subtract_images", side_effect=singular):
+        with mock.patch("workflow.science.pipelines.subtract_images", side_effect=singular):
             run = run_pipelines(ORDER, DEFINITIONS, self.visit.inputs)
         self.assertEqual(run.pipeline, "SingleFrame")
         failed = run.attempts[0]
@@ -147,7 +146,7 @@ class ApPipeOnSimulatorTestCase(unittest.TestCase):
 
 
 class StaticFieldTestCase(unittest.TestCase):
-    """Tests for `workflow.pipelines.run_pipelines` on a simulated static field (false detections)."""
+    """Tests for `workflow.science.pipelines.run_pipelines` on a simulated static field (false detections)."""
 
     def test_few_false_detections(self) -> None:
         sky = SkyModel(seed=SEED + 1, variable_density_per_deg2=0.0, transient_density_per_deg2=0.0)
@@ -159,11 +158,15 @@ class StaticFieldTestCase(unittest.TestCase):
 
 
 class UnitsAndErrorsTestCase(unittest.TestCase):
-    """Tests for unit handling in `workflow.science_run` and numerical-failure errors."""
+    """Tests for unit handling in `workflow.stages.pipeline` and numerical-failure errors."""
 
     def test_bias_units(self) -> None:
-        geometry = mock.Mock(amplifiers=[mock.Mock(bbox=mock.Mock(x0=0, y0=0, x1=2, y1=4), gain=1.5),
-                                         mock.Mock(bbox=mock.Mock(x0=2, y0=0, x1=4, y1=4), gain=2.0)])
+        geometry = mock.Mock(
+            amplifiers=[
+                mock.Mock(bbox=mock.Mock(x0=0, y0=0, x1=2, y1=4), gain=1.5),
+                mock.Mock(bbox=mock.Mock(x0=2, y0=0, x1=4, y1=4), gain=2.0),
+            ]
+        )
         bias = np.ones((4, 4), np.float32)
         electrons = bias_in_electrons(bias, "adu", geometry)
         np.testing.assert_array_equal(electrons[:, :2], 1.5)
@@ -183,7 +186,7 @@ class UnitsAndErrorsTestCase(unittest.TestCase):
         rng = np.random.default_rng(1)
         image = rng.normal(0.0, 1.0, (200, 200)).astype(np.float32)
         x, y = rng.uniform(30, 170, 12), rng.uniform(30, 170, 12)
-        for xi, yi in zip(x, y):
+        for xi, yi in zip(x, y, strict=False):
             image[int(yi) - 2 : int(yi) + 3, int(xi) - 2 : int(xi) + 3] += 500.0
         with mock.patch("numpy.linalg.solve", side_effect=np.linalg.LinAlgError("Singular matrix")):
             with self.assertRaisesRegex(ScienceDataError, r"^calibrate\.psf: singular PSF fit") as caught:
@@ -192,6 +195,7 @@ class UnitsAndErrorsTestCase(unittest.TestCase):
         blank = np.zeros_like(image)  # every star pixel rejected: no data for the fit
         with self.assertRaisesRegex(ScienceDataError, r"^calibrate\.psf: .*usable PSF star"):
             measure_psf(blank, np.ones_like(image), x, y, half=6)
+
 
 if __name__ == "__main__":
     unittest.main()

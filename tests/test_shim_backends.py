@@ -13,14 +13,14 @@ import sys
 import time
 from pathlib import Path
 
-
 from shared_helpers import wait_until
+
 from stream_shim.backends import Batch, StreamingBackend, SubprocessPoolBackend
 from stream_shim.process_group import ChildRegistry, group_members, process_start_ticks, spawn, stop_group
 from stream_shim.queue_runner import WRAPPER_RULE, write_wrapper_snakefile
 
 TAIL = "X/2026-11-27/g{i}/{i}"
-TOY = '''
+TOY = """
 from stream_shim.queue_runner import TARGETS, FINISHED
 rule stream:
     input: from_queue(TARGETS, finish_sentinel=FINISHED)
@@ -32,7 +32,7 @@ rule b:
     input: "work/{inst}/{day}/{group}/{det}/a.json"
     output: "results/{inst}/{day}/{group}/{det}/done.json"
     shell: "echo b > {output}"
-'''
+"""
 
 
 def _target(i: int) -> str:
@@ -66,12 +66,29 @@ class TestStreamingBackend:
     """Tests for `stream_shim.backends.StreamingBackend` with `stream_shim.queue_runner`."""
 
     def _backend(self, tmp_path: Path, unfinished=lambda: []) -> StreamingBackend:
-        command = [sys.executable, "-m", "stream_shim.queue_runner", "--snakefile", str(_toy(tmp_path)),
-                   "--cores", "2", "--queue-input-wait-time", "1", "--nolock", "--keep-going",
-                   "--directory", str(tmp_path)]
-        return StreamingBackend(command, env={"PATH": "/usr/bin:/bin"}, log_dir=tmp_path / "logs",
-                                registry=ChildRegistry(tmp_path / "children.json"), workdir=tmp_path,
-                                unfinished=unfinished)
+        command = [
+            sys.executable,
+            "-m",
+            "stream_shim.queue_runner",
+            "--snakefile",
+            str(_toy(tmp_path)),
+            "--cores",
+            "2",
+            "--queue-input-wait-time",
+            "1",
+            "--nolock",
+            "--keep-going",
+            "--directory",
+            str(tmp_path),
+        ]
+        return StreamingBackend(
+            command,
+            env={"PATH": "/usr/bin:/bin"},
+            log_dir=tmp_path / "logs",
+            registry=ChildRegistry(tmp_path / "children.json"),
+            workdir=tmp_path,
+            unfinished=unfinished,
+        )
 
     def test_feeds_targets_reports_failed_jobs_and_drains(self, tmp_path: Path) -> None:
         backend, seen = self._backend(tmp_path), Recorder()
@@ -94,8 +111,13 @@ class TestStreamingBackend:
         backend, seen = self._backend(tmp_path), Recorder()
         backend.start(seen.on_ended, seen.on_job_error)
         backend.submit(Batch("g5", (_target(5),)))
-        assert _wait(lambda: (tmp_path / "work" / "X" / "2026-11-27" / "g5").exists() or
-                     (tmp_path / ".snakemake" / "incomplete").exists(), 30)
+        assert _wait(
+            lambda: (
+                (tmp_path / "work" / "X" / "2026-11-27" / "g5").exists()
+                or (tmp_path / ".snakemake" / "incomplete").exists()
+            ),
+            30,
+        )
         time.sleep(2.0)
         pid = backend._proc.pid
         started = time.monotonic()
@@ -133,12 +155,29 @@ class TestSubprocessPoolBackend:
 
         def command(targets, cores):
             calls.append((tuple(targets), cores))
-            return [sys.executable, "-m", "snakemake", "--snakefile", str(snakefile), "--cores", str(cores),
-                    "--nolock", "--directory", str(tmp_path), "--", *targets]
+            return [
+                sys.executable,
+                "-m",
+                "snakemake",
+                "--snakefile",
+                str(snakefile),
+                "--cores",
+                str(cores),
+                "--nolock",
+                "--directory",
+                str(tmp_path),
+                "--",
+                *targets,
+            ]
 
-        backend = SubprocessPoolBackend(command, max_cores=2, env={"PATH": "/usr/bin:/bin"},
-                                        log_dir=tmp_path / "logs", registry=ChildRegistry(tmp_path / "c.json"),
-                                        workdir=tmp_path)
+        backend = SubprocessPoolBackend(
+            command,
+            max_cores=2,
+            env={"PATH": "/usr/bin:/bin"},
+            log_dir=tmp_path / "logs",
+            registry=ChildRegistry(tmp_path / "c.json"),
+            workdir=tmp_path,
+        )
         seen = Recorder()
         backend.start(seen.on_ended, seen.on_job_error)
         backend.submit(Batch("g1", (_target(1), _target(2))))

@@ -30,17 +30,18 @@ import sqlalchemy
 import yaml
 from astropy.time import Time
 from confluent_kafka import Consumer, Producer
-
 from conftest import FILER_TOPIC
+
 from stream_shim.bridge import s3_event
 from stream_shim.process_group import group_members
-from stream_shim.live_stack import ensure_central_repo
-from workflow.alerts import deserialize_alert
-from workflow.apdb import create_apdb
-from workflow.central_repo import open_central_repo
-from workflow.config import PROJECT_ROOT
-from workflow.export import output_chain
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+from stream_shim.testbed.live_stack import ensure_central_repo
+from workflow.apdb.alerts import deserialize_alert
+from workflow.apdb.store import create_apdb
+from workflow.core.config import PROJECT_ROOT
+from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.repo.central_repo import open_central_repo
+from workflow.stages.export import output_chain
+from workflow.stages.records import read_stage_record
 
 INSTRUMENT = "LSSTComCamSim"
 SCALE = 0.25
@@ -70,8 +71,9 @@ class Scenario:
     alerts_topic: str
 
     def result_dirs(self) -> dict[tuple[str, int], Path]:
-        return {(g, d): next(self.workdir.glob(f"results/{INSTRUMENT}/*/{g}/{d}")) for g in self.groups
-                for d in DETECTORS}
+        return {
+            (g, d): next(self.workdir.glob(f"results/{INSTRUMENT}/*/{g}/{d}")) for g in self.groups for d in DETECTORS
+        }
 
     def work_dir(self, group: str, detector: int) -> Path:
         return next(self.workdir.glob(f"work_area/{INSTRUMENT}/*/{group}/{detector}"))
@@ -82,9 +84,12 @@ class Scenario:
         engine = sqlalchemy.create_engine(self.apdb_url)
         try:
             with engine.connect() as conn:
-                rows = conn.execute(sqlalchemy.text(
-                    f"SELECT visit, detector, COUNT(*), COUNT(DISTINCT \"diaSourceId\") FROM {table} "
-                    "GROUP BY visit, detector"))
+                rows = conn.execute(
+                    sqlalchemy.text(
+                        f'SELECT visit, detector, COUNT(*), COUNT(DISTINCT "diaSourceId") FROM {table} '
+                        "GROUP BY visit, detector"
+                    )
+                )
                 return {(int(v), int(d)): (int(n), int(distinct)) for v, d, n, distinct in rows}
         finally:
             engine.dispose()
@@ -93,9 +98,28 @@ class Scenario:
 def _shim(workdir: Path, config_file: Path, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
     with open(log, "ab") as stream:
         return subprocess.Popen(
-            [sys.executable, "-m", "stream_shim", "--instrument", INSTRUMENT, "--config-file", str(config_file),
-             "--workdir", str(workdir), "--filer-topic", FILER_TOPIC, "--grace-s", "20", "--term-wait-s", "5"],
-            stdout=stream, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+            [
+                sys.executable,
+                "-m",
+                "stream_shim",
+                "--instrument",
+                INSTRUMENT,
+                "--config-file",
+                str(config_file),
+                "--workdir",
+                str(workdir),
+                "--filer-topic",
+                FILER_TOPIC,
+                "--grace-s",
+                "20",
+                "--term-wait-s",
+                "5",
+            ],
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=PROJECT_ROOT,
+        )
 
 
 def _status(workdir: Path) -> dict[str, Any]:
@@ -121,10 +145,24 @@ def _outcomes(workdir: Path) -> list[Path]:
 
 def _junk_visit(**changes: Any) -> bytes:
     now = Time.now().unix_tai
-    fields = dict(salIndex=1, scriptSalIndex=1, instrument=INSTRUMENT, groupId="2026-01-01T00:00:00.000",
-                  coordinateSystem=CoordSys.ICRS, position=[150.1, 2.2], startTime=now, rotationSystem=RotSys.SKY,
-                  cameraAngle=0.0, filters="r_03", dome=Dome.OPEN, duration=3.0, nimages=1, survey="junk",
-                  totalCheckpoints=0, private_sndStamp=now)
+    fields = dict(
+        salIndex=1,
+        scriptSalIndex=1,
+        instrument=INSTRUMENT,
+        groupId="2026-01-01T00:00:00.000",
+        coordinateSystem=CoordSys.ICRS,
+        position=[150.1, 2.2],
+        startTime=now,
+        rotationSystem=RotSys.SKY,
+        cameraAngle=0.0,
+        filters="r_03",
+        dome=Dome.OPEN,
+        duration=3.0,
+        nimages=1,
+        survey="junk",
+        totalCheckpoints=0,
+        private_sndStamp=now,
+    )
     return NextVisit(**{**fields, **changes}).to_json().encode()
 
 
@@ -146,48 +184,98 @@ def _apdb_section(backend: str, base: Path, request: pytest.FixtureRequest) -> t
 
 
 @pytest.fixture(scope="module", params=["sqlite", "postgresql"])
-def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kafka_broker,
-             s3_server) -> Scenario:
+def scenario(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, kafka_broker, s3_server
+) -> Scenario:
     base = tmp_path_factory.mktemp(f"shim-e2e-{request.param}")
     ensure_central_repo(base / "repo", INSTRUMENT, SCALE)
     apdb, apdb_url, apdb_namespace = _apdb_section(request.param, base, request)
     token = uuid.uuid4().hex[:8]
-    topics = {"next_visit": f"next-visit-{token}", "raw_notification": f"raw-notification-{token}",
-              "alerts": f"alerts-{token}"}
+    topics = {
+        "next_visit": f"next-visit-{token}",
+        "raw_notification": f"raw-notification-{token}",
+        "alerts": f"alerts-{token}",
+    }
     bucket = f"raw-{token}"
     config_file = base / "shim-e2e.yaml"
-    config_file.write_text(yaml.safe_dump({
-        "central_repo": str(base / "repo"),
-        "kafka": {"bootstrap": kafka_broker.bootstrap, "consumer_group": f"shim-{token}"},
-        "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(base / "unused")},
-        "kafka_topics": topics, "buckets": {"raw": bucket},
-        "simulation": {"scale": SCALE, "seed": 0},
-        "apdb": apdb,
-        "raw": {"image_timeout_s": 4.0},
-        "submission": {"max_concurrent_targets": 2},
-    }))
+    config_file.write_text(
+        yaml.safe_dump(
+            {
+                "central_repo": str(base / "repo"),
+                "kafka": {"bootstrap": kafka_broker.bootstrap, "consumer_group": f"shim-{token}"},
+                "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(base / "unused")},
+                "kafka_topics": topics,
+                "buckets": {"raw": bucket},
+                "simulation": {"scale": SCALE, "seed": 0},
+                "apdb": apdb,
+                "raw": {"image_timeout_s": 4.0},
+                "submission": {"max_concurrent_targets": 2, "retry": {"max_attempts": 1}},  # one outcome each
+            }
+        )
+    )
     s3_server.client().create_bucket(Bucket=bucket)
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": s3_server.access_key, "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
-           "AWS_DEFAULT_REGION": s3_server.region}
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": s3_server.access_key,
+        "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+        "AWS_DEFAULT_REGION": s3_server.region,
+    }
     workdir = base / "run"
     first = _shim(workdir, config_file, base / "shim-1.log", env)
     second = None
     try:
         _wait(lambda: _status(workdir).get("state") == "running", 120, "the first shim to run", first)
         stale = Time.now().unix_tai - 7200
-        _produce(kafka_broker.bootstrap, topics["next_visit"], [
-            b"{not json", _junk_visit(instrument="NoSuchCam"), _junk_visit(instrument="HSC"),
-            _junk_visit(private_sndStamp=stale, startTime=stale)])
+        _produce(
+            kafka_broker.bootstrap,
+            topics["next_visit"],
+            [
+                b"{not json",
+                _junk_visit(instrument="NoSuchCam"),
+                _junk_visit(instrument="HSC"),
+                _junk_visit(private_sndStamp=stale, startTime=stale),
+            ],
+        )
         vanished = f"{INSTRUMENT}/20260101/CC_S_20260101_000001/CC_S_20260101_000001_R22_S00.fits"
-        _produce(kafka_broker.bootstrap, topics["raw_notification"], [
-            json.dumps(s3_event(bucket, "notes/readme.txt")).encode(), json.dumps(s3_event(bucket, vanished)).encode(),
-            b"<xml/>"])
+        _produce(
+            kafka_broker.bootstrap,
+            topics["raw_notification"],
+            [
+                json.dumps(s3_event(bucket, "notes/readme.txt")).encode(),
+                json.dumps(s3_event(bucket, vanished)).encode(),
+                b"<xml/>",
+            ],
+        )
         upload = subprocess.run(
-            [sys.executable, str(PROJECT_ROOT / "scripts" / "upload.py"), INSTRUMENT, "2", "--config-file",
-             str(config_file), "--avro", "--scale", str(SCALE), "--slew-s", "1", "--exptime", "1",
-             "--exposure-s", "1", "--skip-detector", str(MISSING), "--late-detector", str(LATE),
-             "--late-delay-s", "3", "--no-progress"],
-            env=env, capture_output=True, text=True, timeout=180)
+            [
+                sys.executable,
+                str(PROJECT_ROOT / "scripts" / "upload.py"),
+                INSTRUMENT,
+                "2",
+                "--config-file",
+                str(config_file),
+                "--avro",
+                "--scale",
+                str(SCALE),
+                "--slew-s",
+                "1",
+                "--exptime",
+                "1",
+                "--exposure-s",
+                "1",
+                "--skip-detector",
+                str(MISSING),
+                "--late-detector",
+                str(LATE),
+                "--late-delay-s",
+                "3",
+                "--no-progress",
+            ],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert upload.returncode == 0, upload.stderr
         groups = [line.split(": ")[0] for line in upload.stdout.splitlines()]
         assert len(groups) == 2
@@ -201,8 +289,7 @@ def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
         time.sleep(0.5)
         leftovers = {p for pgid in groups_started for p in group_members(int(pgid))}
         second = _shim(workdir, config_file, base / "shim-2.log", env)
-        _wait(lambda: len(_outcomes(workdir)) >= 2 * len(DETECTORS), ALL_ENDED_TIMEOUT, "every target to end",
-              second)
+        _wait(lambda: len(_outcomes(workdir)) >= 2 * len(DETECTORS), ALL_ENDED_TIMEOUT, "every target to end", second)
         time.sleep(1.5)  # the status file catches up
         second.send_signal(signal.SIGTERM)
         second_exit = second.wait(timeout=120)
@@ -211,12 +298,23 @@ def scenario(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFa
             if proc is not None and proc.poll() is None:
                 proc.kill()
                 proc.wait()
-    return Scenario(workdir=workdir, config_file=config_file, first_status=first_status,
-                    second_status=_status(workdir), first_log=(base / "shim-1.log").read_text(),
-                    second_log=(base / "shim-2.log").read_text(), second_exit=second_exit, groups=groups,
-                    leftovers_at_kill=leftovers, ended_at_kill=ended_at_kill, repo=base / "repo",
-                    apdb_url=apdb_url, apdb_namespace=apdb_namespace, bootstrap=kafka_broker.bootstrap,
-                    alerts_topic=topics["alerts"])
+    return Scenario(
+        workdir=workdir,
+        config_file=config_file,
+        first_status=first_status,
+        second_status=_status(workdir),
+        first_log=(base / "shim-1.log").read_text(),
+        second_log=(base / "shim-2.log").read_text(),
+        second_exit=second_exit,
+        groups=groups,
+        leftovers_at_kill=leftovers,
+        ended_at_kill=ended_at_kill,
+        repo=base / "repo",
+        apdb_url=apdb_url,
+        apdb_namespace=apdb_namespace,
+        bootstrap=kafka_broker.bootstrap,
+        alerts_topic=topics["alerts"],
+    )
 
 
 class TestShimEndToEnd:
@@ -236,12 +334,12 @@ class TestShimEndToEnd:
                 assert (failure["error"], failure["retriable"], failure["stage"]) == ("RawTimeoutError", True, "ingest")
                 assert f"group {group} detector {MISSING}: 0 of 1 raw(s) arrived" in failure["message"]
             else:
-                ingest = json.loads((scenario.work_dir(group, detector) / "ingest.json").read_text())
+                ingest = read_stage_record(scenario.work_dir(group, detector) / "ingest.json", "ingest").body
                 assert len(ingest["raws"]) == 1 and ingest["header"]["DETECTOR"] == detector, (group, detector)
 
     def test_late_raw_is_waited_for(self, scenario: Scenario) -> None:
         for group in scenario.groups:
-            ingest = json.loads((scenario.work_dir(group, LATE) / "ingest.json").read_text())
+            ingest = read_stage_record(scenario.work_dir(group, LATE) / "ingest.json", "ingest").body
             assert ingest["header"]["GROUPID"] == group
 
     def test_science_chain_completes_for_every_detector_with_a_raw(self, scenario: Scenario) -> None:
@@ -265,22 +363,27 @@ class TestShimEndToEnd:
             if not (path / "done.json").exists():
                 continue
             done = json.loads((path / "done.json").read_text())
-            visit_id = json.loads((scenario.work_dir(group, detector) / "pipeline.json").read_text())["visit_id"]
+            visit_id = read_stage_record(scenario.work_dir(group, detector) / "pipeline.json", "pipeline").body[
+                "visit_id"
+            ]
             expected = done["apdb"]["n_dia_sources"]
             assert rows.get((visit_id, detector), (0, 0)) == (expected, expected), (group, detector)
-        assert json.loads((scenario.workdir / "shim" / "journal.jsonl").read_text().splitlines()[0])["group"] \
+        assert (
+            json.loads((scenario.workdir / "shim" / "journal.jsonl").read_text().splitlines()[0])["group"]
             in scenario.groups
+        )
 
     def test_exported_outputs_are_in_the_central_repo(self, scenario: Scenario) -> None:
         exported: dict[str, set[tuple[int, int]]] = {}
         chains = set()
         for (group, detector), path in scenario.result_dirs().items():
             if (path / "done.json").exists():
-                export = json.loads((scenario.work_dir(group, detector) / "export.json").read_text())
+                export = read_stage_record(scenario.work_dir(group, detector) / "export.json", "export").body
                 chains.add(export["chain"])
                 for dataset_type in export["exported"] + export["skipped"]:  # skipped: a rerun found it there
                     exported.setdefault(dataset_type, set()).add(
-                        (export["data_id"]["visit"], export["data_id"]["detector"]))
+                        (export["data_id"]["visit"], export["data_id"]["detector"])
+                    )
         (chain,) = chains
         assert chain == output_chain(INSTRUMENT, chain.rsplit("output-", 1)[1])
         # Every detector with a raw ended done and exported its metadata; at this size most fall back to Isr.
@@ -292,9 +395,16 @@ class TestShimEndToEnd:
             assert {(ref.dataId["visit"], ref.dataId["detector"]) for ref in refs} == data_ids, dataset_type
 
     def test_alerts_of_every_stored_dia_source_are_on_the_topic(self, scenario: Scenario) -> None:
-        consumer = Consumer({"bootstrap.servers": scenario.bootstrap, "group.id": f"e2e-{uuid.uuid4().hex}",
-                             "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                             "session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+        consumer = Consumer(
+            {
+                "bootstrap.servers": scenario.bootstrap,
+                "group.id": f"e2e-{uuid.uuid4().hex}",
+                "auto.offset.reset": "earliest",
+                "enable.auto.commit": False,
+                "session.timeout.ms": 2000,
+                "heartbeat.interval.ms": 500,
+            }
+        )
         consumer.subscribe([scenario.alerts_topic])
         alerts, idle_since = [], time.monotonic()
         try:
@@ -338,5 +448,8 @@ class TestShimEndToEnd:
         assert scenario.second_status["state"] == "stopped"
         records = [json.loads(line) for line in scenario.first_log.splitlines() if line.startswith("{")]
         assert any(r.get("group") in scenario.groups and "detector" in r and "instrument" in r for r in records)
-        assert any("stopped;" in json.loads(line)["message"] for line in scenario.second_log.splitlines()
-                   if line.startswith("{"))
+        assert any(
+            "stopped;" in json.loads(line)["message"]
+            for line in scenario.second_log.splitlines()
+            if line.startswith("{")
+        )

@@ -11,16 +11,20 @@ import yaml
 
 from stream_shim.health import HealthCheckError, run_health_checks
 from stream_shim.target_store import LocalStore, store_for_profile
-from workflow.config import PROJECT_ROOT, load_config
+from workflow.core.config import PROJECT_ROOT, load_config
 
 
 def _local_config(tmp_path: Path) -> Path:
     path = tmp_path / "local.yaml"
-    path.write_text(yaml.safe_dump({
-        "central_repo": str(tmp_path / "no-repo"),
-        "storage": {"endpoint_url": None, "local_root": str(tmp_path / "buckets")},
-        "apdb": {"db_url": f"sqlite:///{tmp_path / 'apdb.sqlite3'}"},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "central_repo": str(tmp_path / "no-repo"),
+                "storage": {"endpoint_url": None, "local_root": str(tmp_path / "buckets")},
+                "apdb": {"db_url": f"sqlite:///{tmp_path / 'apdb.sqlite3'}"},
+            }
+        )
+    )
     return path
 
 
@@ -40,9 +44,22 @@ class TestHealthChecks:
 
     def test_cli_fails_fast_with_one_clear_line(self, tmp_path: Path) -> None:
         result = subprocess.run(
-            [sys.executable, "-m", "stream_shim", "--instrument", "LSSTComCamSim", "--config-file",
-             str(_local_config(tmp_path)), "--workdir", str(tmp_path / "run")],
-            capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+            [
+                sys.executable,
+                "-m",
+                "stream_shim",
+                "--instrument",
+                "LSSTComCamSim",
+                "--config-file",
+                str(_local_config(tmp_path)),
+                "--workdir",
+                str(tmp_path / "run"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            cwd=PROJECT_ROOT,
+        )
         assert result.returncode == 69
         last = result.stderr.strip().splitlines()[-1]
         assert last.startswith("stream_shim: start-up health check failed: kafka: ValueError: kafka.bootstrap is null")
@@ -50,8 +67,12 @@ class TestHealthChecks:
     def test_cli_rejects_a_bad_config_file(self, tmp_path: Path) -> None:
         bad = tmp_path / "bad.yaml"
         bad.write_text("visit: {max_age_s: soon}\n")
-        result = subprocess.run([sys.executable, "-m", "stream_shim", "--instrument", "LSSTComCamSim",
-                                 "--config-file", str(bad)], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [sys.executable, "-m", "stream_shim", "--instrument", "LSSTComCamSim", "--config-file", str(bad)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert result.returncode == 78
         assert f"{bad}: key 'visit.max_age_s': expected number, got 'soon'" in result.stderr
 

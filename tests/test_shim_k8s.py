@@ -24,11 +24,11 @@ import yaml
 from astropy.time import Time
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
-
 from fake_k8s import FakeKubernetes
 from shared_helpers import copy_workflow
-from workflow.config import PROJECT_ROOT
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+
+from workflow.core.config import PROJECT_ROOT
+from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
 
 PROFILE = PROJECT_ROOT / "profiles" / "k8s"
 
@@ -48,26 +48,60 @@ class TestShimK8s:
         for future in admin.create_topics([NewTopic(t, num_partitions=1) for t in topics.values()]).values():
             future.result(timeout=10)
         extra = tmp_path / "k8s.yaml"
-        extra.write_text(yaml.safe_dump({
-            "kafka": {"bootstrap": kafka_broker.bootstrap, "consumer_group": f"k8s-{token}"},
-            "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(tmp_path / "unused")},
-            "kafka_topics": topics, "buckets": {"raw": raw_bucket},
-        }))
+        extra.write_text(
+            yaml.safe_dump(
+                {
+                    "kafka": {"bootstrap": kafka_broker.bootstrap, "consumer_group": f"k8s-{token}"},
+                    "storage": {"endpoint_url": s3_server.endpoint_url, "local_root": str(tmp_path / "unused")},
+                    "kafka_topics": topics,
+                    "buckets": {"raw": raw_bucket},
+                    "submission": {"retry": {"max_attempts": 1}},  # failing pods: one Job per target
+                }
+            )
+        )
         checkout = copy_workflow(tmp_path / "checkout")
         profile = yaml.safe_load((PROFILE / "config.yaml").read_text())
         with FakeKubernetes(tmp_path / "pods", namespaces=(profile["kubernetes-namespace"],), pod_mode="fail") as fake:
             env = {k: v for k, v in os.environ.items() if not k.startswith(("KUBE", "AWS_", "SNAKEMAKE_", "PG"))}
-            env.update(HOME=str(tmp_path), AWS_ACCESS_KEY_ID=s3_server.access_key,
-                       AWS_SECRET_ACCESS_KEY=s3_server.secret_key, AWS_DEFAULT_REGION=s3_server.region,
-                       PGPASSWORD="unused", KUBECONFIG=str(fake.write_kubeconfig(tmp_path / "kubeconfig")))
+            env.update(
+                HOME=str(tmp_path),
+                AWS_ACCESS_KEY_ID=s3_server.access_key,
+                AWS_SECRET_ACCESS_KEY=s3_server.secret_key,
+                AWS_DEFAULT_REGION=s3_server.region,
+                PGPASSWORD="unused",
+                KUBECONFIG=str(fake.write_kubeconfig(tmp_path / "kubeconfig")),
+            )
             log = tmp_path / "shim.log"
             with open(log, "wb") as stream:
                 shim = subprocess.Popen(
-                    [sys.executable, "-m", "stream_shim", "--instrument", "LSSTComCamSim", "--profile", str(PROFILE),
-                     "--config-file", str(extra), "--workdir", str(checkout), "--snakefile", str(checkout / "Snakefile"),
-                     "--storage-prefix", f"s3://{work_bucket}/night", "--storage-endpoint-url", s3_server.endpoint_url,
-                     "--snakemake-arg=--seconds-between-status-checks=1", "--no-health-check", "--grace-s", "5"],
-                    stdout=stream, stderr=subprocess.STDOUT, env=env, cwd=PROJECT_ROOT)
+                    [
+                        sys.executable,
+                        "-m",
+                        "stream_shim",
+                        "--instrument",
+                        "LSSTComCamSim",
+                        "--profile",
+                        str(PROFILE),
+                        "--config-file",
+                        str(extra),
+                        "--workdir",
+                        str(checkout),
+                        "--snakefile",
+                        str(checkout / "Snakefile"),
+                        "--storage-prefix",
+                        f"s3://{work_bucket}/night",
+                        "--storage-endpoint-url",
+                        s3_server.endpoint_url,
+                        "--snakemake-arg=--seconds-between-status-checks=1",
+                        "--no-health-check",
+                        "--grace-s",
+                        "5",
+                    ],
+                    stdout=stream,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=PROJECT_ROOT,
+                )
             status_file = checkout / "shim" / "status.json"
             try:
                 deadline = time.monotonic() + 60
@@ -75,11 +109,24 @@ class TestShimK8s:
                     assert shim.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(0.5)
                 now = Time.now().unix_tai
-                visit = NextVisit(salIndex=1, scriptSalIndex=1, instrument="LSSTComCamSim",
-                                  groupId="2026-11-28T05:00:00.000", coordinateSystem=CoordSys.ICRS,
-                                  position=[150.1, 2.2], startTime=now, rotationSystem=RotSys.SKY, cameraAngle=0.0,
-                                  filters="r_03", dome=Dome.OPEN, duration=30.0, nimages=1, survey="k8s",
-                                  totalCheckpoints=0, private_sndStamp=now)
+                visit = NextVisit(
+                    salIndex=1,
+                    scriptSalIndex=1,
+                    instrument="LSSTComCamSim",
+                    groupId="2026-11-28T05:00:00.000",
+                    coordinateSystem=CoordSys.ICRS,
+                    position=[150.1, 2.2],
+                    startTime=now,
+                    rotationSystem=RotSys.SKY,
+                    cameraAngle=0.0,
+                    filters="r_03",
+                    dome=Dome.OPEN,
+                    duration=30.0,
+                    nimages=1,
+                    survey="k8s",
+                    totalCheckpoints=0,
+                    private_sndStamp=now,
+                )
                 producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
                 producer.produce(topics["next_visit"], visit.to_avro(schema_id=1))
                 assert producer.flush(10) == 0
@@ -95,8 +142,13 @@ class TestShimK8s:
                 shim.wait(timeout=60)
         assert shim.returncode == 0, log.read_text()[-3000:]
         # One Job per detector-visit, each running that detector's whole chain.
-        detectors = sorted(int(d) for job in fake.jobs for d in set(re.findall(
-            r"detector=(\d+)", " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"]))))
+        detectors = sorted(
+            int(d)
+            for job in fake.jobs
+            for d in set(
+                re.findall(r"detector=(\d+)", " ".join(job["spec"]["template"]["spec"]["containers"][0]["args"]))
+            )
+        )
         assert detectors == list(range(9))
         # The visit files are where the pods read them: under the storage prefix.
         keys = {o["Key"] for o in client.list_objects_v2(Bucket=work_bucket, Prefix="night/visits/")["Contents"]}

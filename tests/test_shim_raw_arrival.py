@@ -1,4 +1,4 @@
-"""Tests for `stream_shim.raw_arrival`, `stream_shim.bridge` (offline parts), `workflow.arrivals`
+"""Tests for `stream_shim.raw_arrival`, `stream_shim.bridge` (offline parts), `workflow.core.arrivals`
 and the filer attribute decoding of `stream_shim.filer_events`."""
 
 from __future__ import annotations
@@ -11,12 +11,12 @@ from stream_shim.bridge import FilerBridge, s3_event
 from stream_shim.filer_events import new_entry_attributes
 from stream_shim.raw_arrival import CATEGORY, RawArrivals, day_prefix, parse_s3_event
 from stream_shim.status import ShimStatus
-from workflow.arrivals import Arrival, ArrivalIndex, normalize_day_obs
-from workflow.buckets import LocalBucket
-from workflow.config import load_config
-from workflow.instrument import Instrument
-from workflow.raw_keys import RawKeyLayout
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.core.arrivals import Arrival, ArrivalIndex, normalize_day_obs
+from workflow.core.buckets import LocalBucket
+from workflow.core.config import load_config
+from workflow.core.instrument import Instrument
+from workflow.core.raw_keys import RawKeyLayout
+from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
 
 KEY = "LSSTComCamSim/20261128/CC_S_20261128_000007/CC_S_20261128_000007_R22_S11.fits"
 
@@ -48,23 +48,30 @@ class TestParseS3Event:
         assert (event.event_name, event.bucket, event.key, event.size) == ("ObjectCreated:Put", "raw", KEY, 123)
 
     def test_rubin_form_with_encoded_key_and_two_records(self) -> None:
-        records = [{"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": k}}}
-                   for k in ("a%2Fb+c.fits", "plain.fits")]
+        records = [
+            {"eventName": "ObjectCreated:Put", "s3": {"bucket": {"name": "b"}, "object": {"key": k}}}
+            for k in ("a%2Fb+c.fits", "plain.fits")
+        ]
         events = parse_s3_event(json.dumps({"Records": records}))
         assert [e.key for e in events] == ["a/b c.fits", "plain.fits"] and events[0].size is None
 
-    @pytest.mark.parametrize(("value", "message"), [
-        (b"{not json", "not JSON"), (b"[1, 2]", "no 'Records' list"), (b'{"Records": 3}', "no 'Records' list"),
-        (b'{"Records": [{"eventName": "x", "s3": {"bucket": {"name": "b"}}}]}', "record 0: missing 'object'"),
-        (None, "empty message"),
-    ])
+    @pytest.mark.parametrize(
+        ("value", "message"),
+        [
+            (b"{not json", "not JSON"),
+            (b"[1, 2]", "no 'Records' list"),
+            (b'{"Records": 3}', "no 'Records' list"),
+            (b'{"Records": [{"eventName": "x", "s3": {"bucket": {"name": "b"}}}]}', "record 0: missing 'object'"),
+            (None, "empty message"),
+        ],
+    )
     def test_malformed_is_named(self, value: bytes | None, message: str) -> None:
         with pytest.raises(ValueError, match=message):
             parse_s3_event(value)
 
 
 class TestArrivalIndex:
-    """Tests for `workflow.arrivals.ArrivalIndex`."""
+    """Tests for `workflow.core.arrivals.ArrivalIndex`."""
 
     def test_record_once_and_read_back(self, tmp_path) -> None:
         index = ArrivalIndex(tmp_path)
@@ -96,8 +103,9 @@ def arrivals(tmp_path):
     bucket = LocalBucket(tmp_path / "buckets", config["buckets"]["raw"])
     status = ShimStatus("LSSTComCamSim", "test")
     index = ArrivalIndex(tmp_path / "arrivals")
-    handler = RawArrivals(config, instrument=Instrument.from_config(config, scale=0.05), bucket=bucket, index=index,
-                          status=status)
+    handler = RawArrivals(
+        config, instrument=Instrument.from_config(config, scale=0.05), bucket=bucket, index=index, status=status
+    )
     return handler, bucket, index, status
 
 
@@ -122,8 +130,16 @@ class TestRawArrivals:
         assert handler.handle(note(KEY, event="ObjectRemoved:Delete")) == ["not_a_creation"]
         assert handler.handle(b"garbage") == ["malformed"]
         assert status.counts(CATEGORY) == {
-            "recorded": 1, "duplicate": 1, "sidecar": 1, "other_bucket": 1, "no_layout_match": 1,
-            "unknown_detector": 1, "vanished": 1, "not_a_creation": 1, "malformed": 1}
+            "recorded": 1,
+            "duplicate": 1,
+            "sidecar": 1,
+            "other_bucket": 1,
+            "no_layout_match": 1,
+            "unknown_detector": 1,
+            "vanished": 1,
+            "not_a_creation": 1,
+            "malformed": 1,
+        }
         (arrival,) = index.arrivals("LSSTComCamSim", "2026-11-28", 4)  # R22_S11 is detector 4
         assert arrival.key == KEY and arrival.received == 5.0 and arrival.source == "notification"
 
@@ -131,10 +147,24 @@ class TestRawArrivals:
         handler, bucket, index, status = arrivals
         bucket.put(KEY, b"SIMPLE")
         bucket.put(KEY.replace(".fits", ".json"), b"{}")
-        visit = NextVisit(salIndex=1, scriptSalIndex=1, instrument="LSSTComCamSim", groupId="g",
-                          coordinateSystem=CoordSys.ICRS, position=[150.0, 2.0], startTime=0.0,
-                          rotationSystem=RotSys.SKY, cameraAngle=0.0, filters="", dome=Dome.OPEN, duration=1.0,
-                          nimages=1, survey="", totalCheckpoints=0, private_sndStamp=1_795_870_000.0)
+        visit = NextVisit(
+            salIndex=1,
+            scriptSalIndex=1,
+            instrument="LSSTComCamSim",
+            groupId="g",
+            coordinateSystem=CoordSys.ICRS,
+            position=[150.0, 2.0],
+            startTime=0.0,
+            rotationSystem=RotSys.SKY,
+            cameraAngle=0.0,
+            filters="",
+            dome=Dome.OPEN,
+            duration=1.0,
+            nimages=1,
+            survey="",
+            totalCheckpoints=0,
+            private_sndStamp=1_795_870_000.0,
+        )
         assert visit.day_obs == "2026-11-28"
         assert handler.check_early(visit) == 1 and handler.check_early(visit) == 0
         assert index.arrivals("LSSTComCamSim", "2026-11-28", 4)[0].source == "listing"
@@ -161,8 +191,9 @@ class TestFilerBridge:
     def test_drops_without_producing(self) -> None:
         status = ShimStatus("LSSTComCamSim", "test")
         bridge = FilerBridge("127.0.0.1:1", "topic", ["raw"], status, timeout_s=1.0)  # never contacted
-        assert bridge.forward(b"/buckets/other/x.fits", _filer_create("x.fits", "/buckets/other", 1, 1)) == \
-            "other_bucket"
+        assert (
+            bridge.forward(b"/buckets/other/x.fits", _filer_create("x.fits", "/buckets/other", 1, 1)) == "other_bucket"
+        )
         assert bridge.forward(b"/topics/x", _filer_create("x", "/topics", 1, 1)) == "not_an_object"
         assert bridge.forward(b"/buckets/raw/x", b"\x0a\xff") == "malformed"
         assert status.counts("bridge") == {"other_bucket": 1, "not_an_object": 1, "malformed": 1}

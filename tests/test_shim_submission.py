@@ -8,17 +8,18 @@ import urllib.request
 
 import pytest
 from astropy.time import Time
-
 from shared_helpers import wait_until
+
 from stream_shim.backends import Batch, _OutputFilter, job_error_target
 from stream_shim.consumer import NextVisitHandler
 from stream_shim.journal import AcceptedVisit, VisitJournal
 from stream_shim.status import ShimStatus, StatusServer, percentile
 from stream_shim.submission import Submitter, target_key
-from workflow.config import load_config
-from workflow.prep import instrument_for_run
-from workflow.target import TargetPaths, write_json
-from workflow.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.core.config import load_config
+from workflow.core.instrument import instrument_for_run
+from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.stages.records import FailedRecord, write_record
+from workflow.stages.target import TargetPaths, write_json
 
 GROUP = "2026-11-28T01:02:03.456"
 
@@ -77,15 +78,31 @@ class TestSubmitter:
         again = sub.submit([fresh], batch_id=GROUP)
         assert again.submitted == () and again.in_flight == (str(fresh.done_file),)
         assert [b.targets for b in backend.batches] == [(str(fresh.done_file),)]
-        assert status.counts("targets") == {"submitted": 1, "already_done": 1, "already_failed": 1,
-                                            "already_in_flight": 1}
+        assert status.counts("targets") == {
+            "submitted": 1,
+            "already_done": 1,
+            "already_failed": 1,
+            "already_in_flight": 1,
+        }
 
     def test_follows_outcome_files(self, submitter, tmp_path) -> None:
         sub, _, status = submitter
         ok, bad = _targets([3, 4])
         sub.submit([ok, bad], batch_id=GROUP)
         write_json(tmp_path / ok.done_file, {"outcome": "ok"})
-        write_json(tmp_path / bad.failed_file, {"error": "RawTimeoutError", "retriable": True, "stage": "ingest"})
+        write_record(
+            tmp_path / bad.failed_file,
+            FailedRecord(
+                error="RawTimeoutError",
+                retriable=True,
+                message="no raw",
+                stage="ingest",
+                instrument=bad.instrument,
+                day_obs=bad.day_obs,
+                group=bad.group,
+                detector=bad.detector,
+            ),
+        )
         assert _wait(lambda: not sub.unfinished())
         assert status.counts("targets")["done"] == 1 and status.counts("targets")["failed"] == 1
         assert status.counts("failures") == {"RawTimeoutError": 1}
@@ -103,7 +120,11 @@ class TestSubmitter:
 
     def test_target_key(self) -> None:
         assert target_key(f"results/LSSTComCamSim/2026-11-27/{GROUP}/7/done.json") == (
-            "LSSTComCamSim", "2026-11-27", GROUP, 7)
+            "LSSTComCamSim",
+            "2026-11-27",
+            GROUP,
+            7,
+        )
 
 
 class TestSnakemakeOutput:
@@ -118,8 +139,13 @@ class TestSnakemakeOutput:
         seen, log_path = [], tmp_path / "log"
         with open(log_path, "w") as log:
             output = _OutputFilter(log, seen.append)
-            for line in ["Waiting for queue input...\n", "Error in rule ingest:\n", "    jobid: 3\n",
-                         f"    output: work_area/LSSTComCamSim/2026-11-27/{GROUP}/3/ingest.json\n", "\n"]:
+            for line in [
+                "Waiting for queue input...\n",
+                "Error in rule ingest:\n",
+                "    jobid: 3\n",
+                f"    output: work_area/LSSTComCamSim/2026-11-27/{GROUP}/3/ingest.json\n",
+                "\n",
+            ]:
                 output.feed(line)
         assert seen == [("LSSTComCamSim", "2026-11-27", GROUP, 3)]
         assert "Waiting" not in log_path.read_text() and "Error in rule ingest" in log_path.read_text()
@@ -131,8 +157,14 @@ class TestVisitJournal:
     def test_append_load_skip_torn_line_rewrite(self, tmp_path) -> None:
         journal = VisitJournal(tmp_path / "j" / "journal.jsonl")
         assert journal.load() == []
-        first = AcceptedVisit(instrument="X", day_obs="2026-11-27", group="g1", detectors=(1, 2), accepted=1.0,
-                              kafka={"topic": "t", "partition": 0, "offset": 5})
+        first = AcceptedVisit(
+            instrument="X",
+            day_obs="2026-11-27",
+            group="g1",
+            detectors=(1, 2),
+            accepted=1.0,
+            kafka={"topic": "t", "partition": 0, "offset": 5},
+        )
         second = AcceptedVisit(instrument="X", day_obs="2026-11-27", group="g2", detectors=(3,), accepted=2.0)
         journal.append(first)
         journal.append(second)
@@ -172,8 +204,18 @@ class TestShimStatus:
             with pytest.raises(urllib.error.HTTPError, match="503"):
                 urllib.request.urlopen(base + "/healthz", timeout=5)
             status.state = "running"
-            assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == b"running"
+            assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == b"running\n"
             assert json.loads(urllib.request.urlopen(base + "/status", timeout=5).read())["state"] == "running"
+            status.set_condition("consumer_next_visit", "degraded", "recreating the consumer")
+            assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == (
+                b"running (degraded)\nconsumer_next_visit=degraded: recreating the consumer\n"
+            )
+            status.set_condition("backend", "unhealthy", "crash loop")
+            with pytest.raises(urllib.error.HTTPError, match="503"):
+                urllib.request.urlopen(base + "/healthz", timeout=5)
+            status.set_condition("backend", None)
+            status.set_condition("consumer_next_visit", None)
+            assert urllib.request.urlopen(base + "/healthz", timeout=5).read() == b"running\n"
             assert b"prompt_snake_shim_uptime_seconds" in urllib.request.urlopen(base + "/metrics", timeout=5).read()
         finally:
             server.stop()
@@ -181,10 +223,24 @@ class TestShimStatus:
 
 def _visit(**changes) -> NextVisit:
     now = Time.now().unix_tai
-    fields = dict(salIndex=1, scriptSalIndex=1, instrument="LSSTComCamSim", groupId=GROUP,
-                  coordinateSystem=CoordSys.ICRS, position=[150.1, 2.2], startTime=now,
-                  rotationSystem=RotSys.SKY, cameraAngle=0.0, filters="r_03", dome=Dome.OPEN, duration=10.0,
-                  nimages=1, survey="SURVEY", totalCheckpoints=0, private_sndStamp=now)
+    fields = dict(
+        salIndex=1,
+        scriptSalIndex=1,
+        instrument="LSSTComCamSim",
+        groupId=GROUP,
+        coordinateSystem=CoordSys.ICRS,
+        position=[150.1, 2.2],
+        startTime=now,
+        rotationSystem=RotSys.SKY,
+        cameraAngle=0.0,
+        filters="r_03",
+        dome=Dome.OPEN,
+        duration=10.0,
+        nimages=1,
+        survey="SURVEY",
+        totalCheckpoints=0,
+        private_sndStamp=now,
+    )
     return NextVisit(**{**fields, **changes})
 
 
@@ -197,15 +253,21 @@ class TestNextVisitHandler:
         config = load_config(instrument="LSSTComCamSim")
         detectors = [d.id for d in instrument_for_run(config).active_detectors()]
         early: list[str] = []
-        handler = NextVisitHandler(config, detectors=detectors, submitter=sub, journal=VisitJournal(
-            tmp_path / "journal.jsonl"), status=status, workdir=tmp_path, on_accepted=lambda v: early.append(v.groupId))
+        handler = NextVisitHandler(
+            config,
+            detectors=detectors,
+            submitter=sub,
+            journal=VisitJournal(tmp_path / "journal.jsonl"),
+            status=status,
+            workdir=tmp_path,
+            on_accepted=lambda v: early.append(v.groupId),
+        )
         return handler, backend, status, early
 
     def test_accepts_json_and_framed_avro_once(self, handler, tmp_path) -> None:
         handler, backend, status, early = handler
         visit = _visit()
-        assert handler.handle(visit.to_json().encode(), kafka={"topic": "t", "partition": 0, "offset": 1}) == \
-            "accepted"
+        assert handler.handle(visit.to_json().encode(), kafka={"topic": "t", "partition": 0, "offset": 1}) == "accepted"
         files = sorted((tmp_path / "visits" / "LSSTComCamSim" / visit.day_obs / GROUP).glob("*.json"))
         assert [int(f.stem) for f in files] == list(range(9))
         assert json.loads(files[4].read_text())["detector"] == 4
@@ -227,5 +289,11 @@ class TestNextVisitHandler:
         assert handler.handle(_visit(coordinateSystem=CoordSys.OBSERVED).to_json()) == "not_icrs"
         assert handler.handle(_visit(rotationSystem=RotSys.MOUNT).to_json()) == "not_sky_rotation"
         assert backend.batches == []
-        assert status.counts("next_visit") == {"malformed": 3, "unknown_instrument": 1, "other_instrument": 1,
-                                               "stale": 1, "not_icrs": 1, "not_sky_rotation": 1}
+        assert status.counts("next_visit") == {
+            "malformed": 3,
+            "unknown_instrument": 1,
+            "other_instrument": 1,
+            "stale": 1,
+            "not_icrs": 1,
+            "not_sky_rotation": 1,
+        }

@@ -1,4 +1,4 @@
-"""Tests for `workflow.simulate` (and, through it, `workflow.raw_fits`)."""
+"""Tests for `workflow.sim.simulate` (and, through it, `workflow.core.raw_fits`)."""
 
 from __future__ import annotations
 
@@ -17,21 +17,22 @@ from astropy.wcs import WCS
 from scipy.ndimage import uniform_filter1d
 from scipy.spatial import cKDTree
 
-from workflow.amplifiers import assemble_image
-from workflow.calibs import amp_bias_levels, bad_columns, make_bias, make_flat
-from workflow.config import load_config
-from workflow.exceptions import NonRetriableError
-from workflow.exposures import make_exposures
-from workflow.instrument import Instrument
-from workflow.raw_fits import read_raw, write_raw
-from workflow.simulate import SimOptions, SimulatedRaw, simulate_raw, simulate_visit, visit_conditions
-from workflow.sky_model import SkyModel
+from workflow.core.amplifiers import assemble_image
+from workflow.core.config import load_config
+from workflow.core.exceptions import NonRetriableError
+from workflow.core.instrument import Instrument
+from workflow.core.raw_fits import read_raw, write_raw
+from workflow.sim.calibs import amp_bias_levels, bad_columns, make_bias, make_flat
+from workflow.sim.exposures import make_exposures
+from workflow.sim.simulate import SimOptions, SimulatedRaw, simulate_raw, simulate_visit, visit_conditions
+from workflow.sim.sky_model import SkyModel
 
 SEED = 7
 # 4x the default star density so a 1/8-scale detector has ~200 stars; dense
 # variables and transients so each small detector holds dozens of them.
-SKY = SkyModel(seed=SEED, star_density_r23_per_deg2=160000.0, variable_density_per_deg2=40000.0,
-               transient_density_per_deg2=20000.0)
+SKY = SkyModel(
+    seed=SEED, star_density_r23_per_deg2=160000.0, variable_density_per_deg2=40000.0, transient_density_per_deg2=20000.0
+)
 FIELD = {"ra": 53.1, "dec": -28.1, "rotation_deg": 25.0}
 
 
@@ -44,8 +45,9 @@ def _instrument(name: str = "LSSTComCamSim") -> Instrument:
 def _visit(index: int, detector: int = 4) -> SimulatedRaw:
     """Snap of the index-th of three visits of one field, 40 min apart."""
     inst = _instrument()
-    exposure = make_exposures(inst, start=f"2026-03-01T0{3 + index}:00:00", seq_num=10 + index,
-                              physical_filter="r_03", **FIELD)[0]
+    exposure = make_exposures(
+        inst, start=f"2026-03-01T0{3 + index}:00:00", seq_num=10 + index, physical_filter="r_03", **FIELD
+    )[0]
     return simulate_raw(inst, detector, exposure, seed=SEED, sky=SKY)
 
 
@@ -63,8 +65,9 @@ def isr(raw: SimulatedRaw, inst: Instrument) -> np.ndarray:
     return image * geom.gain
 
 
-def _isolated(raw: SimulatedRaw, x: np.ndarray, y: np.ndarray, flux: np.ndarray, inst: Instrument,
-              radius: float = 10.0) -> np.ndarray:
+def _isolated(
+    raw: SimulatedRaw, x: np.ndarray, y: np.ndarray, flux: np.ndarray, inst: Instrument, radius: float = 10.0
+) -> np.ndarray:
     """Mask of sources whose aperture gets little light from neighbours.
 
     Sources must be away from edges and bad columns, and the estimated light
@@ -76,9 +79,13 @@ def _isolated(raw: SimulatedRaw, x: np.ndarray, y: np.ndarray, flux: np.ndarray,
     ay = np.concatenate([np.asarray(t["y"]) for t in tables])
     af = np.concatenate([np.asarray(t["image_flux"]) for t in tables])
     # Galaxies are extended: treat them as if they were closer.
-    extent = np.concatenate([np.zeros(len(raw.stars)),
-                             2.0 * np.asarray(raw.galaxies["hlr_arcsec"]) / inst.pixel_scale_arcsec,
-                             np.zeros(len(raw.truth))])
+    extent = np.concatenate(
+        [
+            np.zeros(len(raw.stars)),
+            2.0 * np.asarray(raw.galaxies["hlr_arcsec"]) / inst.pixel_scale_arcsec,
+            np.zeros(len(raw.truth)),
+        ]
+    )
     tree = cKDTree(np.c_[ax, ay])
     geom = inst.geometry
     ok = (x > 20) & (x < geom.nx - 21) & (y > 20) & (y < geom.ny - 21)
@@ -123,8 +130,7 @@ class HeaderTestCase(unittest.TestCase):
         predicted = _instrument().detector_wcs(4, FIELD["ra"], FIELD["dec"], FIELD["rotation_deg"])
         header_wcs = WCS(raw.header)
         pix = np.array([[0.0, 0.0], [300.0, 200.0]])
-        np.testing.assert_allclose(header_wcs.all_pix2world(pix, 0), predicted.all_pix2world(pix, 0),
-                                   atol=1e-10)
+        np.testing.assert_allclose(header_wcs.all_pix2world(pix, 0), predicted.all_pix2world(pix, 0), atol=1e-10)
 
     def test_sidecar(self) -> None:
         sidecar = _visit(0).sidecar()
@@ -152,8 +158,9 @@ class RawGeometryTestCase(unittest.TestCase):
             serial = seg[amp.raw_serial_overscan.slices].astype(float)
             # Row-by-row: only read noise remains after removing the row mean.
             resid = serial - serial.mean(axis=1, keepdims=True)
-            self.assertAlmostEqual(resid.std() * math.sqrt(serial.shape[1] / (serial.shape[1] - 1)),
-                                   noise_adu, delta=0.15 * noise_adu)
+            self.assertAlmostEqual(
+                resid.std() * math.sqrt(serial.shape[1] / (serial.shape[1] - 1)), noise_adu, delta=0.15 * noise_adu
+            )
             self.assertGreater(np.median(seg[amp.raw_data.slices]), levels[amp.name] + 300)
 
     def test_deterministic(self) -> None:
@@ -256,8 +263,7 @@ class DetectorEffectsTestCase(unittest.TestCase):
         inst = _instrument()
         exposure = _visit(0).exposure
         # An 8-magnitude brighter telescope saturates many stars.
-        raw = simulate_raw(inst, 4, exposure, seed=SEED, sky=SKY,
-                           options=SimOptions(zeropoint_offset_mag=5.0))
+        raw = simulate_raw(inst, 4, exposure, seed=SEED, sky=SKY, options=SimOptions(zeropoint_offset_mag=5.0))
         sat_level = inst.geometry.saturation
         image = assemble_image(raw.segments, inst.geometry, dtype=np.int64)
         saturated = image >= sat_level
@@ -272,8 +278,9 @@ class DetectorEffectsTestCase(unittest.TestCase):
 
     def test_cosmic_rays(self) -> None:
         inst = _instrument()
-        raw = simulate_raw(inst, 4, _visit(0).exposure, seed=SEED, sky=SKY,
-                           options=SimOptions(cosmic_ray_rate_per_cm2_s=5.0))
+        raw = simulate_raw(
+            inst, 4, _visit(0).exposure, seed=SEED, sky=SKY, options=SimOptions(cosmic_ray_rate_per_cm2_s=5.0)
+        )
         crs = raw.cosmic_rays
         self.assertGreater(len(crs), 10)
         image = isr(raw, inst)
@@ -282,8 +289,9 @@ class DetectorEffectsTestCase(unittest.TestCase):
 
     def test_snaps(self) -> None:
         inst = _instrument()
-        exposures = make_exposures(inst, start="2026-03-01T03:00:00", seq_num=5, n_snaps=2,
-                                   physical_filter="g_01", **FIELD)
+        exposures = make_exposures(
+            inst, start="2026-03-01T03:00:00", seq_num=5, n_snaps=2, physical_filter="g_01", **FIELD
+        )
         raws = simulate_visit(inst, 0, exposures, seed=SEED, sky=SKY)
         self.assertEqual([r.header["SNAP"] for r in raws], [0, 1])
         self.assertEqual(raws[0].header["GROUPID"], raws[1].header["GROUPID"])
@@ -311,8 +319,7 @@ class RawFitsTestCase(unittest.TestCase):
 
     def test_hsc_compressed(self) -> None:
         inst = _instrument("HSC")
-        exposure = make_exposures(inst, start="2026-03-01T05:00:00", seq_num=3, physical_filter="HSC-I",
-                                  **FIELD)[0]
+        exposure = make_exposures(inst, start="2026-03-01T05:00:00", seq_num=3, physical_filter="HSC-I", **FIELD)[0]
         raw = simulate_raw(inst, 50, exposure, seed=SEED, sky=SKY)
         self.assertEqual(raw.header["DETNAME"], "050")
         self.assertNotIn("RAFTBAY", raw.header)
@@ -333,8 +340,9 @@ class RawFitsTestCase(unittest.TestCase):
 
     def test_latiss(self) -> None:
         inst = _instrument("LATISS")
-        exposure = make_exposures(inst, start="2026-03-01T05:00:00", seq_num=3, physical_filter="SDSSr_65mm",
-                                  **FIELD)[0]
+        exposure = make_exposures(inst, start="2026-03-01T05:00:00", seq_num=3, physical_filter="SDSSr_65mm", **FIELD)[
+            0
+        ]
         raw = simulate_raw(inst, 0, exposure, seed=SEED, sky=SKY)
         self.assertEqual(raw.header["OBSID"], "AT_O_20260228_000003")
         self.assertEqual(raw.header["DETNAME"], "RXX_S00")

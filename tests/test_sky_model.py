@@ -1,4 +1,4 @@
-"""Tests for `workflow.sky_model` and `workflow.sim_render`."""
+"""Tests for `workflow.sim.sky_model` and `workflow.sim.render`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import unittest
 import lsst.sphgeom as sphgeom
 import numpy as np
 
-from workflow.sim_render import GaussianMixturePsf, add_galaxies, add_point_sources, exponential_mixture
-from workflow.sky_model import (
+from workflow.sim.render import GaussianMixturePsf, add_galaxies, add_point_sources, exponential_mixture
+from workflow.sim.sky_model import (
     SkyModel,
     galaxies_in_region,
     injected_sources,
@@ -34,8 +34,8 @@ class SkyModelTestCase(unittest.TestCase):
         big = variables_in_region(_circle(80.0, -20.0, 0.3), self.sky)
         small = variables_in_region(_circle(80.1, -20.1, 0.1), self.sky)
         self.assertGreater(len(small), 10)
-        common = {int(i): (r, d) for i, r, d in zip(big["id"], big["ra"], big["dec"])}
-        for i, r, d in zip(small["id"], small["ra"], small["dec"]):
+        common = {int(i): (r, d) for i, r, d in zip(big["id"], big["ra"], big["dec"], strict=False)}
+        for i, r, d in zip(small["id"], small["ra"], small["dec"], strict=False):
             self.assertEqual(common[int(i)], (r, d))
 
     def test_variable_flux(self) -> None:
@@ -76,7 +76,7 @@ class SkyModelTestCase(unittest.TestCase):
 
 
 class RenderTestCase(unittest.TestCase):
-    """Tests for `workflow.sim_render`."""
+    """Tests for `workflow.sim.render`."""
 
     def test_psf(self) -> None:
         psf = GaussianMixturePsf.from_fwhm(4.0)
@@ -90,8 +90,9 @@ class RenderTestCase(unittest.TestCase):
     def test_point_sources_flux_and_edges(self) -> None:
         psf = GaussianMixturePsf.from_fwhm(3.0)
         image = np.zeros((100, 120))
-        add_point_sources(image, np.array([50.2, -3.0, 119.4]), np.array([40.7, 50.0, 99.0]),
-                          np.array([1e5, 1e5, 1e5]), psf)
+        add_point_sources(
+            image, np.array([50.2, -3.0, 119.4]), np.array([40.7, 50.0, 99.0]), np.array([1e5, 1e5, 1e5]), psf
+        )
         ys, xs = np.mgrid[0:100, 0:120]
         near = np.hypot(xs - 50.2, ys - 40.7) < 25
         self.assertAlmostEqual(image[near].sum() / 1e5, 1.0, places=3)
@@ -100,8 +101,16 @@ class RenderTestCase(unittest.TestCase):
     def test_galaxies_flux(self) -> None:
         psf = GaussianMixturePsf.from_fwhm(3.0)
         image = np.zeros((200, 200))
-        add_galaxies(image, np.array([100.0]), np.array([100.0]), np.array([1e4]), np.array([4.0]),
-                     np.array([0.5]), np.array([0.3]), psf)
+        add_galaxies(
+            image,
+            np.array([100.0]),
+            np.array([100.0]),
+            np.array([1e4]),
+            np.array([4.0]),
+            np.array([0.5]),
+            np.array([0.3]),
+            psf,
+        )
         self.assertAlmostEqual(image.sum() / 1e4, 1.0, delta=0.01)
         amps, variances = exponential_mixture()
         self.assertAlmostEqual(amps.sum(), 1.0)

@@ -1,4 +1,4 @@
-"""Tests for `workflow.skymap`."""
+"""Tests for `workflow.core.skymap`."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import unittest
 
 import numpy as np
 
-from workflow.config import load_config
-from workflow.instrument import Instrument
-from workflow.skymap import RingsSkyMap
+from workflow.core.config import load_config
+from workflow.core.instrument import Instrument
+from workflow.core.skymap import RingsSkyMap
 
 
 class RingsSkyMapTestCase(unittest.TestCase):

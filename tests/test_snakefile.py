@@ -10,16 +10,28 @@ from pathlib import Path
 import pytest
 import yaml
 
-from workflow.config import PROJECT_ROOT, known_instruments, load_config
+from workflow.core.config import PROJECT_ROOT, known_instruments, load_config
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def _dry_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [*SNAKEMAKE, "-n", "--cores", "1", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
-         "--directory", str(PROJECT_ROOT), "--nolock", *args],
-        capture_output=True, text=True, timeout=120,
+        [
+            *SNAKEMAKE,
+            "-n",
+            "--cores",
+            "1",
+            "--snakefile",
+            str(PROJECT_ROOT / "Snakefile"),
+            "--directory",
+            str(PROJECT_ROOT),
+            "--nolock",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
         cwd=tmp_path,
     )
 
@@ -36,8 +48,9 @@ def _write_visit_files(run_dir: Path, instrument: str, detectors: list[int]) -> 
     from raw_uploads import make_visit
 
     config = load_config(instrument=instrument)
-    visit = make_visit(instrument, "2026-11-28T03:00:00.000", config["filters"][0]["physical_filter"],
-                       snd_stamp=1_795_000_000.0)
+    visit = make_visit(
+        instrument, "2026-11-28T03:00:00.000", config["filters"][0]["physical_filter"], snd_stamp=1_795_000_000.0
+    )
     for detector_visit in visit.fan_out(detectors):
         path = run_dir / "visits" / instrument / visit.day_obs / visit.groupId / f"{detector_visit.detector}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -45,9 +58,23 @@ def _write_visit_files(run_dir: Path, instrument: str, detectors: list[int]) -> 
 
 
 def _run(run_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([*SNAKEMAKE, "--cores", "1", "--snakefile", str(PROJECT_ROOT / "Snakefile"),
-                           "--directory", str(run_dir), "--nolock", *args],
-                          capture_output=True, text=True, timeout=120, cwd=run_dir)
+    return subprocess.run(
+        [
+            *SNAKEMAKE,
+            "--cores",
+            "1",
+            "--snakefile",
+            str(PROJECT_ROOT / "Snakefile"),
+            "--directory",
+            str(run_dir),
+            "--nolock",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=run_dir,
+    )
 
 
 @pytest.mark.parametrize("instrument", known_instruments())
@@ -57,13 +84,13 @@ def test_dry_run_dag_and_rulegraph_for_each_instrument(tmp_path, instrument):
     configfile = ["--configfile", str(PROJECT_ROOT / "config" / "instruments" / f"{instrument}.yaml")]
     dry = _run(tmp_path, "-n", *configfile)
     assert dry.returncode == 0, dry.stderr[-2000:]
-    for rule in ("prep", "ingest", "run_pipeline", "export_outputs", "apdb_load", "finish_target"):
+    for rule in ("prep", "ingest", "pipeline", "export", "apdb", "finish"):
         assert any(line.split()[:2] == [rule, "2"] for line in dry.stdout.splitlines()), (rule, dry.stdout)
     graph = _run(tmp_path, "--rulegraph", *configfile)
     assert graph.returncode == 0 and graph.stdout.lstrip().startswith("digraph"), graph.stderr[-2000:]
-    assert "run_pipeline" in graph.stdout and "apdb_load" in graph.stdout
+    assert "pipeline" in graph.stdout and "apdb" in graph.stdout
     dag = _run(tmp_path, "--dag", *configfile)
-    assert dag.returncode == 0 and dag.stdout.count("finish_target") == 2, dag.stderr[-2000:]
+    assert dag.returncode == 0 and dag.stdout.count("finish") == 2, dag.stderr[-2000:]
 
 
 def test_dry_run_rejects_bad_config_naming_file_and_key(tmp_path):

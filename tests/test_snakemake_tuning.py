@@ -1,4 +1,4 @@
-"""Tests for `workflow.snakemake_tuning`: the scheduler adjustment the Snakefile applies on start."""
+"""Tests for `workflow.runtime.snakemake_tuning`: the scheduler adjustment the Snakefile applies on start."""
 
 from __future__ import annotations
 
@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-from workflow.config import PROJECT_ROOT
-from workflow.snakemake_tuning import disable_job_rate_limiter
+from workflow.core.config import PROJECT_ROOT
+from workflow.runtime.snakemake_tuning import disable_job_rate_limiter
 
 TOY_SNAKEFILE = """
-from workflow.snakemake_tuning import disable_job_rate_limiter
+from workflow.runtime.snakemake_tuning import disable_job_rate_limiter
 
 onstart:
     had = workflow.scheduler.job_rate_limiter is not None
@@ -31,9 +31,14 @@ rule one:
 def test_removes_the_limiter_of_a_real_snakemake_run(tmp_path: Path) -> None:
     """In a real run (Snakemake's default 100/1s limit) the hook finds the limiter and removes it."""
     (tmp_path / "Snakefile").write_text(TOY_SNAKEFILE)
-    result = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", "--scheduler", "greedy"],
-                            cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)})
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--cores", "2", "--nolock", "--scheduler", "greedy"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(PROJECT_ROOT)},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "limiter.txt").read_text().split() == ["True", "True", "None"]
     assert sorted(p.read_text().strip() for p in (tmp_path / "out").iterdir()) == [str(i) for i in range(6)]

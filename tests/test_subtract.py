@@ -1,4 +1,4 @@
-"""Tests for `workflow.template_warp`, `workflow.subtract` and `workflow.zogy`."""
+"""Tests for `workflow.science.template_warp`, `workflow.science.subtract` and `workflow.science.zogy`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import unittest
 import numpy as np
 from science_images import make_refcat, make_scene, make_wcs, render
 
-from workflow.calibrate import calibrate
-from workflow.dia_sources import detect_dia_sources
-from workflow.exposure import BadImageError, Exposure, MaskPlane, NoTemplateError, ScienceDataError
-from workflow.subtract import alard_lupton_basis, subtract_images
-from workflow.template_warp import TemplatePatch, template_coverage, warp_template
+from workflow.science.calibrate import calibrate
+from workflow.science.dia_sources import detect_dia_sources
+from workflow.science.errors import BadImageError, NoTemplateError, ScienceDataError
+from workflow.science.exposure import Exposure
+from workflow.science.masks import MaskPlane
+from workflow.science.subtract import alard_lupton_basis, subtract_images
+from workflow.science.template_warp import TemplatePatch, template_coverage, warp_template
 
 SHAPE = (512, 512)
 
@@ -22,7 +24,7 @@ def _stars(wcs, shape, refcat, fwhm=3.0):  # noqa: ANN001, ANN202
 
 
 class WarpTestCase(unittest.TestCase):
-    """Tests for `workflow.template_warp.warp_template`."""
+    """Tests for `workflow.science.template_warp.warp_template`."""
 
     @classmethod
     def setUpClass(cls) -> None:
@@ -80,7 +82,7 @@ def _calibrated(scene):  # noqa: ANN001, ANN202
 
 
 class SubtractTestCase(unittest.TestCase):
-    """Tests for `workflow.subtract.subtract_images` on a static sky."""
+    """Tests for `workflow.science.subtract.subtract_images` on a static sky."""
 
     @classmethod
     def setUpClass(cls) -> None:

@@ -1,4 +1,4 @@
-"""Tests for `workflow.templates`."""
+"""Tests for `workflow.sim.templates`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import unittest
 
 import numpy as np
 
-from workflow.amplifiers import Box, assemble_image
-from workflow.calibs import make_bias, make_flat
-from workflow.config import load_config
-from workflow.exposures import make_exposures
-from workflow.instrument import Instrument
-from workflow.simulate import simulate_raw
-from workflow.sky_model import SkyModel
-from workflow.skymap import RingsSkyMap
-from workflow.templates import TemplateOptions, make_template
+from workflow.core.amplifiers import Box, assemble_image
+from workflow.core.config import load_config
+from workflow.core.instrument import Instrument
+from workflow.core.skymap import RingsSkyMap
+from workflow.sim.calibs import make_bias, make_flat
+from workflow.sim.exposures import make_exposures
+from workflow.sim.simulate import simulate_raw
+from workflow.sim.sky_model import SkyModel
+from workflow.sim.templates import TemplateOptions, make_template
 
 SEED = 5
 SKY = SkyModel(seed=SEED, variable_density_per_deg2=40000.0, transient_density_per_deg2=20000.0)
@@ -49,8 +49,11 @@ class TemplateTestCase(unittest.TestCase):
         self.assertAlmostEqual(tmpl.psf.fwhm * self.skymap.pixel_scale_arcsec, 0.9, places=6)
         # Image pixel (0, 0) is tract pixel (bbox.x0, bbox.y0).
         tract = self.skymap.tract(self.patch.tract)
-        np.testing.assert_allclose(tmpl.wcs.all_pix2world([[0.0, 0.0]], 0),
-                                   tract.wcs.all_pix2world([[self.bbox.x0, self.bbox.y0]], 0), atol=1e-10)
+        np.testing.assert_allclose(
+            tmpl.wcs.all_pix2world([[0.0, 0.0]], 0),
+            tract.wcs.all_pix2world([[self.bbox.x0, self.bbox.y0]], 0),
+            atol=1e-10,
+        )
         self.assertEqual(len(tmpl.to_hdulist()), 3)
 
     def test_static_sky_only(self) -> None:
@@ -64,13 +67,12 @@ class TemplateTestCase(unittest.TestCase):
         part = make_template(self.skymap, self.patch, "r", seed=SEED, sky=SKY, bbox=inner)
         np.testing.assert_allclose(part.image, self.template.image[150:250, 100:300], rtol=1e-5, atol=1e-3)
         with self.assertRaisesRegex(ValueError, "is not inside patch"):
-            make_template(self.skymap, self.patch, "r", bbox=Box(-10**6, 0, 10, 10))
+            make_template(self.skymap, self.patch, "r", bbox=Box(-(10**6), 0, 10, 10))
         with self.assertRaisesRegex(ValueError, "unknown band 'q'"):
             make_template(self.skymap, self.patch, "q")
 
     def test_lower_noise_than_visit(self) -> None:
-        exposure = make_exposures(self.inst, start="2026-03-01T03:00:00", seq_num=1, physical_filter="r_03",
-                                  **FIELD)[0]
+        exposure = make_exposures(self.inst, start="2026-03-01T03:00:00", seq_num=1, physical_filter="r_03", **FIELD)[0]
         raw = simulate_raw(self.inst, 4, exposure, seed=SEED, sky=SKY)
         geom = self.inst.geometry
         segments = {}
@@ -86,8 +88,15 @@ class TemplateTestCase(unittest.TestCase):
         self.assertAlmostEqual(template_sigma_njy / expected, 1.0, delta=0.15)
 
     def test_options(self) -> None:
-        shallow = make_template(self.skymap, self.patch, "r", seed=SEED, sky=SKY, bbox=self.bbox,
-                                options=TemplateOptions(depth_visits=1.0, fwhm_arcsec=1.2))
+        shallow = make_template(
+            self.skymap,
+            self.patch,
+            "r",
+            seed=SEED,
+            sky=SKY,
+            bbox=self.bbox,
+            options=TemplateOptions(depth_visits=1.0, fwhm_arcsec=1.2),
+        )
         self.assertGreater(_mad_sigma(shallow.image), 3.0 * _mad_sigma(self.template.image))
         self.assertAlmostEqual(shallow.psf.fwhm * 0.2, 1.2, places=6)
 

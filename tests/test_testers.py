@@ -1,4 +1,4 @@
-"""Tests for `workflow.testers`, `workflow.testers_replay` and their CLIs, scripts/upload.py and
+"""Tests for `workflow.sim.testers`, `workflow.sim.testers_replay` and their CLIs, scripts/upload.py and
 scripts/upload_from_repo.py.
 
 The testers run against the real Kafka broker and S3 server of conftest.py; the
@@ -24,23 +24,28 @@ from astropy.io import fits
 from astropy.time import Time, TimeDelta
 from confluent_kafka import Consumer, Message
 
+import workflow.repo.butler_ingest as ri
+import workflow.repo.central_repo as cr
 from stream_shim.filer_events import CREATED, decode_filer_event
-from stream_shim.local_services import DEFAULT_FILER_TOPIC, free_port
-from workflow import central_repo as cr
-from workflow import repo_ingest as ri
-from workflow.buckets import LocalBucket, open_bucket
-from workflow.config import PROJECT_ROOT, known_instruments, load_config
-from workflow.exceptions import ConfigError, NonRetriableError, RetriableError
-from workflow.exposures import make_exposures
-from workflow.ingest import RawFinder
-from workflow.instrument import Instrument
-from workflow.raw_keys import RawKeyLayout, sidecar_key
-from workflow.simulate import simulate_raw
-from workflow.testers import (
-    BrokerUnavailableError, NoMatchingRawsError, UploadOptions, exit_status, next_seq_num, upload_simulated,
+from stream_shim.testbed.local_services import DEFAULT_FILER_TOPIC, free_port
+from workflow.core.buckets import LocalBucket, open_bucket
+from workflow.core.config import PROJECT_ROOT, known_instruments, load_config
+from workflow.core.exceptions import ConfigError, NonRetriableError, RetriableError
+from workflow.core.instrument import Instrument
+from workflow.core.raw_keys import RawKeyLayout, sidecar_key
+from workflow.core.visit import decode_next_visit, parse_next_visit
+from workflow.sim.exposures import make_exposures
+from workflow.sim.simulate import simulate_raw
+from workflow.sim.testers import (
+    BrokerUnavailableError,
+    NoMatchingRawsError,
+    UploadOptions,
+    exit_status,
+    next_seq_num,
+    upload_simulated,
 )
-from workflow.testers_replay import load_repo_query, upload_from_repo
-from workflow.visit import decode_next_visit, parse_next_visit
+from workflow.sim.testers_replay import load_repo_query, upload_from_repo
+from workflow.stages.ingest import RawFinder
 
 INSTRUMENT = "LSSTComCamSim"
 WAIT = 20.0  # seconds to wait for Kafka messages
@@ -67,12 +72,20 @@ def _extra_config(directory: Path, *, bootstrap: str, endpoint: str) -> tuple[Pa
     token = uuid.uuid4().hex[:10]
     bucket, topic = f"raw-{token}", f"next-visit-{token}"
     path = directory / f"extra-{token}.yaml"
-    path.write_text(yaml.safe_dump({
-        "kafka": {"bootstrap": bootstrap, "consumer_group": f"group-{token}"},
-        "storage": {"endpoint_url": endpoint, "local_root": "unused"},
-        "kafka_topics": {"next_visit": topic, "raw_notification": DEFAULT_FILER_TOPIC, "alerts": f"alerts-{token}"},
-        "buckets": {"raw": bucket},
-    }))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "kafka": {"bootstrap": bootstrap, "consumer_group": f"group-{token}"},
+                "storage": {"endpoint_url": endpoint, "local_root": "unused"},
+                "kafka_topics": {
+                    "next_visit": topic,
+                    "raw_notification": DEFAULT_FILER_TOPIC,
+                    "alerts": f"alerts-{token}",
+                },
+                "buckets": {"raw": bucket},
+            }
+        )
+    )
     return path, bucket, topic
 
 
@@ -83,9 +96,16 @@ def _config(services, tmp_path) -> tuple[dict[str, Any], Path]:
 
 
 def _consumer(bootstrap: str, topic: str) -> Consumer:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": f"test-{uuid.uuid4().hex}",
-                         "auto.offset.reset": "earliest", "enable.auto.commit": False,
-                         "session.timeout.ms": 2000, "heartbeat.interval.ms": 500})
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4().hex}",
+            "auto.offset.reset": "earliest",
+            "enable.auto.commit": False,
+            "session.timeout.ms": 2000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
     consumer.subscribe([topic])
     return consumer
 
@@ -141,7 +161,10 @@ def _check_bucket(config: dict[str, Any], s3, reports) -> dict[str, Any]:
             data = client.get_object(Bucket=bucket, Key=raw.key)["Body"].read()
             header = fits.getheader(io.BytesIO(data), 0)
             assert (header["GROUPID"], header["DETECTOR"], header["OBSID"]) == (
-                report.visit.groupId, raw.detector, fields.obs_id)
+                report.visit.groupId,
+                raw.detector,
+                fields.obs_id,
+            )
             assert header["FILTER"] == report.visit.filters
             sidecar = json.loads(client.get_object(Bucket=bucket, Key=sidecar_key(raw.key))["Body"].read())
             assert sidecar["GROUPID"] == report.visit.groupId and raw.sidecar == sidecar_key(raw.key)
@@ -150,8 +173,13 @@ def _check_bucket(config: dict[str, Any], s3, reports) -> dict[str, Any]:
 
 
 def _run(script: str, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(PROJECT_ROOT / "scripts" / script), *args], cwd=PROJECT_ROOT,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, str(PROJECT_ROOT / "scripts" / script), *args],
+        cwd=PROJECT_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 # -- the central repo for replays -------------------------------------------------------------
@@ -167,9 +195,15 @@ def central_repo(tmp_path_factory):
     start = Time("2025-01-10T03:00:00", scale="tai")
     paths, exposures = [], []
     for i, physical_filter in enumerate(REPO_FILTERS):
-        exposure = make_exposures(instrument, start=start + TimeDelta(40.0 * i, format="sec"), seq_num=i + 1,
-                                  ra=150.1 + 0.01 * i, dec=2.2, rotation_deg=10.0 * i,
-                                  physical_filter=physical_filter)[0]
+        exposure = make_exposures(
+            instrument,
+            start=start + TimeDelta(40.0 * i, format="sec"),
+            seq_num=i + 1,
+            ra=150.1 + 0.01 * i,
+            dec=2.2,
+            rotation_deg=10.0 * i,
+            physical_filter=physical_filter,
+        )[0]
         exposures.append(exposure)
         for det in REPO_DETECTORS:
             paths.append(simulate_raw(instrument, det, exposure).write(tmp / f"{exposure.exposure_id}-{det}.fits"))
@@ -179,8 +213,9 @@ def central_repo(tmp_path_factory):
 
 def _query_file(directory: Path, repo: Path, extra: Path, **keys: Any) -> Path:
     path = directory / f"query-{uuid.uuid4().hex[:8]}.yaml"
-    path.write_text(yaml.safe_dump({"instrument": INSTRUMENT, "central_repo": str(repo),
-                                    "config_files": [str(extra)], **keys}))
+    path.write_text(
+        yaml.safe_dump({"instrument": INSTRUMENT, "central_repo": str(repo), "config_files": [str(extra)], **keys})
+    )
     return path
 
 
@@ -222,9 +257,33 @@ def test_upload_simulated_json_skip_and_late(services, tmp_path):
 def test_upload_cli_avro(services, tmp_path):
     broker, s3 = services
     extra, bucket, topic = _extra_config(tmp_path, bootstrap=broker.bootstrap, endpoint=s3.endpoint_url)
-    process = _run("upload.py", INSTRUMENT, "1", "--config-file", str(extra), "--avro", "--schema-id", "7",
-                   "--slew-s", "0", "--exposure-s", "0", "--scale", "0.125", "--detectors", "4", "R22_S12",
-                   "--filter", "i_06", "--ra", "30.5", "--dec", "-10.25", "--rotation", "12")
+    process = _run(
+        "upload.py",
+        INSTRUMENT,
+        "1",
+        "--config-file",
+        str(extra),
+        "--avro",
+        "--schema-id",
+        "7",
+        "--slew-s",
+        "0",
+        "--exposure-s",
+        "0",
+        "--scale",
+        "0.125",
+        "--detectors",
+        "4",
+        "R22_S12",
+        "--filter",
+        "i_06",
+        "--ra",
+        "30.5",
+        "--dec",
+        "-10.25",
+        "--rotation",
+        "12",
+    )
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     group, summary = out.strip().split(": ", 1)
@@ -269,8 +328,13 @@ def test_upload_from_repo(services, central_repo, tmp_path):
     data = s3.client().get_object(Bucket=config["buckets"]["raw"], Key=raw.key)["Body"].read()
     source = by_filter[reports[0].visit.filters]
     butler = cr.open_central_repo(repo)
-    [ref] = butler.query_datasets("raw", collections=cr.raw_collection(INSTRUMENT), instrument=INSTRUMENT,
-                                  exposure=source.exposure_id, detector=raw.detector)
+    [ref] = butler.query_datasets(
+        "raw",
+        collections=cr.raw_collection(INSTRUMENT),
+        instrument=INSTRUMENT,
+        exposure=source.exposure_id,
+        detector=raw.detector,
+    )
     with fits.open(io.BytesIO(data)) as new, fits.open(butler.getURI(ref).ospath) as old:
         assert new[0].header["EXPID"] != old[0].header["EXPID"] and new[0].header["OBSID"] != old[0].header["OBSID"]
         assert new[0].header["DATE-OBS"] > old[0].header["DATE-OBS"]
@@ -285,8 +349,16 @@ def test_upload_from_repo_cli_ordered(services, central_repo, tmp_path):
     broker, _ = services
     repo, _ = central_repo
     extra, _, topic = _extra_config(tmp_path, bootstrap=broker.bootstrap, endpoint=services[1].endpoint_url)
-    process = _run("upload_from_repo.py", str(_query_file(tmp_path, repo, extra)), "2", "--ordered",
-                   "--slew-s", "0", "--exposure-s", "0")
+    process = _run(
+        "upload_from_repo.py",
+        str(_query_file(tmp_path, repo, extra)),
+        "2",
+        "--ordered",
+        "--slew-s",
+        "0",
+        "--exposure-s",
+        "0",
+    )
     out, err = process.communicate(timeout=60)
     assert process.returncode == 0, err
     assert len(out.strip().splitlines()) == 2 and all("3 raws, 6 objects" in line for line in out.splitlines())
@@ -309,12 +381,28 @@ def test_cli_errors_are_one_line(services, central_repo, tmp_path):
         "Kafka broker 127.0.0.1": (75, _run("upload.py", INSTRUMENT, "1", "--config-file", str(no_broker), *fast)),
         "is not available": (75, _run("upload.py", INSTRUMENT, "1", "--config-file", str(no_s3), *fast)),
         "unknown physical filter 'x_99'": (78, _run("upload.py", INSTRUMENT, "1", "--filter", "x_99", *fast)),
-        "no LSSTComCamSim raws": (66, _run("upload_from_repo.py", str(_query_file(
-            tmp_path, repo, good, where="exposure.seq_num = 999")), "1", *fast[:4])),
-        "query for raws": (78, _run("upload_from_repo.py", str(_query_file(
-            tmp_path, repo, good, where="exposure.seq_num ===")), "1", *fast[:4])),
-        "key 'wher' is not allowed": (78, _run("upload_from_repo.py", str(_query_file(
-            tmp_path, repo, good, wher="x")), "1")),
+        "no LSSTComCamSim raws": (
+            66,
+            _run(
+                "upload_from_repo.py",
+                str(_query_file(tmp_path, repo, good, where="exposure.seq_num = 999")),
+                "1",
+                *fast[:4],
+            ),
+        ),
+        "query for raws": (
+            78,
+            _run(
+                "upload_from_repo.py",
+                str(_query_file(tmp_path, repo, good, where="exposure.seq_num ===")),
+                "1",
+                *fast[:4],
+            ),
+        ),
+        "key 'wher' is not allowed": (
+            78,
+            _run("upload_from_repo.py", str(_query_file(tmp_path, repo, good, wher="x")), "1"),
+        ),
     }
     for text, (status, process) in cases.items():
         out, err = process.communicate(timeout=60)
@@ -333,8 +421,9 @@ def test_library_errors(services, central_repo, tmp_path):
     with pytest.raises(ConfigError, match="late detectors: LSSTComCamSim: no detector 'R99_S99'"):
         upload_simulated(config, 1, options=UploadOptions(late_detectors=("R99_S99",)), scale=0.125)
     with pytest.raises(NoMatchingRawsError, match="match where"):
-        upload_from_repo(load_repo_query(_query_file(tmp_path, central_repo[0], extra,
-                                                     where="exposure.seq_num = 999")), 1)
+        upload_from_repo(
+            load_repo_query(_query_file(tmp_path, central_repo[0], extra, where="exposure.seq_num = 999")), 1
+        )
 
 
 # -- pieces without servers --------------------------------------------------------------------

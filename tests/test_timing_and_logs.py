@@ -1,4 +1,4 @@
-"""Tests for `workflow.timing` and `workflow.log_setup`."""
+"""Tests for `workflow.core.timing` and `workflow.core.log_setup`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import logging
 
 import pytest
 
-from workflow.exceptions import ConfigError
-from workflow.log_setup import configure_logging, parse_log_levels
-from workflow.timing import timed
+from workflow.core.exceptions import ConfigError
+from workflow.core.log_setup import configure_logging, parse_log_levels
+from workflow.core.timing import timed
 
 
 def test_timed_records_and_logs_on_timer_logger(caplog):

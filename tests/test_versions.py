@@ -1,4 +1,4 @@
-"""Tests for `workflow.versions` and ``scripts/release_notes.py``: our version, and the
+"""Tests for `workflow.runtime.versions` and ``scripts/release_notes.py``: our version, and the
 start-up checks against real SQLite APDBs and real Butler repositories of other
 dimension universes."""
 
@@ -16,10 +16,10 @@ import pytest
 import yaml
 from lsst.daf.butler import Butler, DimensionConfig
 
-from workflow.apdb import ApdbVersionError, create_apdb
-from workflow.config import PROJECT_ROOT
-from workflow.exceptions import ConfigError, NonRetriableError
-from workflow.versions import (
+from workflow.apdb.store import ApdbVersionError, create_apdb
+from workflow.core.config import PROJECT_ROOT
+from workflow.core.exceptions import ConfigError, NonRetriableError
+from workflow.runtime.versions import (
     SUPPORTED_DIMENSION_UNIVERSES,
     AlertSchemaVersionError,
     RepoVersionError,
@@ -44,17 +44,20 @@ def _pyproject_version() -> str:
 
 
 class TestProjectVersion:
-    """Tests for `workflow.versions.project_version`."""
+    """Tests for `workflow.runtime.versions.project_version`."""
 
     def test_version_is_pyproject_version_pep440(self):
         assert project_version() == _pyproject_version() == check_version_string(_pyproject_version())
         assert not project_version().startswith("v")
 
-    @pytest.mark.parametrize(("text", "message"), [
-        ("v0.1.0", "version 'v0.1.0' is not in normalized PEP 440 form; expected '0.1.0'"),
-        ("1.0.0-rc1", "version '1.0.0-rc1' is not in normalized PEP 440 form; expected '1.0.0rc1'"),
-        ("tuesday", "version 'tuesday' is not a PEP 440 version"),
-    ])  # fmt: skip
+    @pytest.mark.parametrize(
+        ("text", "message"),
+        [
+            ("v0.1.0", "version 'v0.1.0' is not in normalized PEP 440 form; expected '0.1.0'"),
+            ("1.0.0-rc1", "version '1.0.0-rc1' is not in normalized PEP 440 form; expected '1.0.0rc1'"),
+            ("tuesday", "version 'tuesday' is not a PEP 440 version"),
+        ],
+    )
     def test_bad_versions(self, text, message):
         with pytest.raises(ConfigError) as info:
             check_version_string(text)
@@ -80,13 +83,14 @@ def _apdb_with(tmp_path: Path, apdb_file: Path, **versions: str) -> dict[str, st
 
 
 class TestApdbVersions:
-    """Tests for `workflow.versions.check_apdb` (via `workflow.apdb.check_versions`)."""
+    """Tests for `workflow.runtime.versions.check_apdb` (via `workflow.apdb.store.check_versions`)."""
 
     def test_current_apdb_accepted(self, apdb_file, tmp_path):
         assert check_apdb(_apdb_with(tmp_path, apdb_file)) == {"schema": "10.0.0", "ApdbSql": "1.2.1"}
 
-    @pytest.mark.parametrize(("key", "value"), [("schema", "9.0.0"), ("schema", "11.0.0"), ("ApdbSql", "0.9.0"),
-                                                ("ApdbSql", "2.0.0")])  # fmt: skip
+    @pytest.mark.parametrize(
+        ("key", "value"), [("schema", "9.0.0"), ("schema", "11.0.0"), ("ApdbSql", "0.9.0"), ("ApdbSql", "2.0.0")]
+    )
     def test_old_and_new_apdb_refused(self, apdb_file, tmp_path, key, value):
         with pytest.raises(ApdbVersionError) as info:
             check_apdb(_apdb_with(tmp_path, apdb_file, **{key: value}))
@@ -106,12 +110,14 @@ def _make_repo(root: Path, dimensions: Path | DimensionConfig | None = None) -> 
 def repos(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """Butler repositories: the current universe (8) and the previous one (7)."""
     root = tmp_path_factory.mktemp("repos")
-    return {"current": _make_repo(root / "v8"),
-            "v7": _make_repo(root / "v7", OLD_DIMENSIONS / "daf_butler_universe7.yaml")}  # fmt: skip
+    return {
+        "current": _make_repo(root / "v8"),
+        "v7": _make_repo(root / "v7", OLD_DIMENSIONS / "daf_butler_universe7.yaml"),
+    }
 
 
 class TestUniverseVersions:
-    """Tests for `workflow.versions.check_central_repo` on real repositories."""
+    """Tests for `workflow.runtime.versions.check_central_repo` on real repositories."""
 
     def test_current_universe_accepted(self, repos):
         assert read_universe_version(repos["current"]) == ("daf_butler", 8)
@@ -122,8 +128,10 @@ class TestUniverseVersions:
         assert read_universe_version(repos["v7"]) == ("daf_butler", 7)
         with pytest.raises(RepoVersionError) as info:
             check_central_repo(repos["v7"])
-        assert str(info.value) == (f"central repo {repos['v7']}: dimension universe namespace 'daf_butler' version 7 "
-                                   "is not supported; supported: namespace 'daf_butler' version(s) 8")  # fmt: skip
+        assert str(info.value) == (
+            f"central repo {repos['v7']}: dimension universe namespace 'daf_butler' version 7 "
+            "is not supported; supported: namespace 'daf_butler' version(s) 8"
+        )
 
     def test_other_namespace_refused(self, repos, tmp_path):
         """The universe is read from the registry: edit its stored dimensions config."""
@@ -131,10 +139,14 @@ class TestUniverseVersions:
         with sqlite3.connect(repo / "gen3.sqlite3") as db:
             (text,) = db.execute("SELECT value FROM butler_attributes WHERE name = 'config:dimensions.json'").fetchone()
             stored = json.loads(text)
-            db.execute("UPDATE butler_attributes SET value = ? WHERE name = 'config:dimensions.json'",
-                       (json.dumps({**stored, "namespace": "acme", "version": 1}),))  # fmt: skip
-        with pytest.raises(RepoVersionError, match="namespace 'acme' version 1 is not supported; supported: "
-                                                   "namespace 'daf_butler' version"):  # fmt: skip
+            db.execute(
+                "UPDATE butler_attributes SET value = ? WHERE name = 'config:dimensions.json'",
+                (json.dumps({**stored, "namespace": "acme", "version": 1}),),
+            )
+        with pytest.raises(
+            RepoVersionError,
+            match="namespace 'acme' version 1 is not supported; supported: namespace 'daf_butler' version",
+        ):
             check_central_repo(repo)
 
     def test_missing_repo(self, tmp_path):
@@ -143,7 +155,7 @@ class TestUniverseVersions:
 
 
 class TestAlertSchema:
-    """Tests for `workflow.versions.check_alert_schema`."""
+    """Tests for `workflow.runtime.versions.check_alert_schema`."""
 
     def test_installed_schema_accepted(self):
         assert {(10, 0), (11, 0), (11, 1)} <= set(available_alert_schemas())
@@ -162,12 +174,15 @@ class TestAlertSchema:
 
 
 class TestStartupAndReleaseNotes:
-    """Tests for `workflow.versions.check_startup` and ``scripts/release_notes.py``."""
+    """Tests for `workflow.runtime.versions.check_startup` and ``scripts/release_notes.py``."""
 
     def test_check_startup(self, repos, apdb_file, tmp_path):
         good = {"central_repo": str(repos["current"]), "apdb": _apdb_with(tmp_path, apdb_file)}
-        assert check_startup(good) == {"alert_schema": "11.1", "apdb": {"schema": "10.0.0", "ApdbSql": "1.2.1"},
-                                       "dimensions": ("daf_butler", 8)}  # fmt: skip
+        assert check_startup(good) == {
+            "alert_schema": "11.1",
+            "apdb": {"schema": "10.0.0", "ApdbSql": "1.2.1"},
+            "dimensions": ("daf_butler", 8),
+        }
         relative = {**good, "central_repo": repos["current"].name}
         assert check_startup(relative, base_dir=repos["current"].parent)["dimensions"] == ("daf_butler", 8)
         with pytest.raises(RepoVersionError):
@@ -183,12 +198,16 @@ class TestStartupAndReleaseNotes:
         assert facts["alert_schema"]["version"] == "11.1" and facts["snakemake"] == "9.27.1"
         assert main([]) == 0
         text = capsys.readouterr().out
-        for line in (f"prompt-snake {project_version()}", "APDB schema 10.0.0, ApdbSql 1.2.1, ApdbCassandra 1.",
-                     "dimensions config: namespace daf_butler version 8", "alert schema 11.1", "Snakemake 9.27.1",
-                     "Python 3.11."):  # fmt: skip
+        for line in (
+            f"prompt-snake {project_version()}",
+            "APDB schema 10.0.0, ApdbSql 1.2.1, ApdbCassandra 1.",
+            "dimensions config: namespace daf_butler version 8",
+            "alert schema 11.1",
+            "Snakemake 9.27.1",
+            "Python 3.11.",
+        ):
             assert line in text, text
         extra = tmp_path / "site.yaml"
-        extra.write_text(yaml.safe_dump({"central_repo": str(repos["v7"]),
-                                         "apdb": _apdb_with(tmp_path, apdb_file)}))  # fmt: skip
+        extra.write_text(yaml.safe_dump({"central_repo": str(repos["v7"]), "apdb": _apdb_with(tmp_path, apdb_file)}))
         assert main(["--check", "--extra-config", str(extra)]) == 2
         assert "RepoVersionError: central repo" in capsys.readouterr().err

@@ -1,4 +1,4 @@
-"""Tests for `workflow.visit`."""
+"""Tests for `workflow.core.visit`."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from typing import Any
 import fastavro
 from astropy.time import Time
 
-from workflow.exceptions import IgnorableVisit, InvalidVisit, UnknownInstrumentError
-from workflow.visit import (
+from workflow.core.exceptions import IgnorableVisit, InvalidIdentifier, InvalidVisit, StaleVisit, UnknownInstrumentError
+from workflow.core.identifiers import GROUP_PATTERN, target_key
+from workflow.core.visit import (
     CoordSys,
     DetectorVisit,
     Dome,
@@ -119,7 +120,7 @@ def write_avro(record: dict[str, Any], schema_id: int | None = None, schema: Any
 
 
 class SchemaTestCase(unittest.TestCase):
-    """Tests for `workflow.visit.next_visit_schema`."""
+    """Tests for `workflow.core.visit.next_visit_schema`."""
 
     def test_summit_form(self) -> None:
         schema = next_visit_schema()
@@ -142,7 +143,7 @@ class SchemaTestCase(unittest.TestCase):
 
 
 class NextVisitJsonTestCase(unittest.TestCase):
-    """Tests for `workflow.visit.NextVisit` JSON (de)serialization."""
+    """Tests for `workflow.core.visit.NextVisit` JSON (de)serialization."""
 
     def test_round_trip(self) -> None:
         text = json.dumps(make_fields())
@@ -202,7 +203,7 @@ class NextVisitJsonTestCase(unittest.TestCase):
 
 
 class NextVisitAvroTestCase(unittest.TestCase):
-    """Tests for `workflow.visit.NextVisit` Avro (de)serialization."""
+    """Tests for `workflow.core.visit.NextVisit` Avro (de)serialization."""
 
     def test_framed_round_trip(self) -> None:
         data = write_avro(make_fields(), schema_id=17)
@@ -269,10 +270,17 @@ class NextVisitAvroTestCase(unittest.TestCase):
         older.pop("__named_schemas", None)
         older["fields"] = [f for f in older["fields"] if f["name"] not in ("instrument", "startTime")]
         record = {k: v for k, v in make_fields().items() if k not in ("instrument", "startTime")}
-        visit = NextVisit.from_avro(write_avro(record, 3, schema=older), writer_schema=older)
-        self.assertEqual((visit.instrument, visit.startTime, visit.groupId), ("", 0.0, record["groupId"]))
-        with self.assertRaisesRegex(UnknownInstrumentError, "'instrument'"):
-            check_usable(visit, known_instruments=KNOWN, now=SND_STAMP)
+        # The default instrument, "", cannot become a path: rejected when decoded.
+        with self.assertRaisesRegex(InvalidIdentifier, "'instrument': '' is not an allowed instrument") as cm:
+            NextVisit.from_avro(write_avro(record, 3, schema=older), writer_schema=older)
+        self.assertEqual(cm.exception.reason, "invalid_instrument")
+        no_start = copy.deepcopy(json.loads(json.dumps(next_visit_schema())))
+        no_start.pop("__fastavro_parsed", None)
+        no_start.pop("__named_schemas", None)
+        no_start["fields"] = [f for f in no_start["fields"] if f["name"] != "startTime"]
+        record = {k: v for k, v in make_fields().items() if k != "startTime"}
+        visit = NextVisit.from_avro(write_avro(record, 3, schema=no_start), writer_schema=no_start)
+        self.assertEqual((visit.instrument, visit.startTime, visit.groupId), ("LSSTCam", 0.0, record["groupId"]))
 
     def test_garbage_rejected(self) -> None:
         for data in (b"", b"\x00\x00\x00\x00\x01", b"\xff" * 3, write_avro(make_fields()) + b"junk"):
@@ -282,7 +290,7 @@ class NextVisitAvroTestCase(unittest.TestCase):
 
 
 class DetectorVisitTestCase(unittest.TestCase):
-    """Tests for `workflow.visit.DetectorVisit` and `NextVisit.fan_out`."""
+    """Tests for `workflow.core.visit.DetectorVisit` and `NextVisit.fan_out`."""
 
     def test_fan_out_round_trip(self) -> None:
         visit = NextVisit.from_dict(make_fields())
@@ -320,7 +328,7 @@ class DetectorVisitTestCase(unittest.TestCase):
 
 
 class ParseRejectionTestCase(unittest.TestCase):
-    """Tests for the `InvalidVisit` rejections of `workflow.visit` parsing."""
+    """Tests for the `InvalidVisit` rejections of `workflow.core.visit` parsing."""
 
     def assertInvalid(self, data: Any, *patterns: str) -> InvalidVisit:
         """Assert that ``data`` is rejected as a plain `InvalidVisit`.
@@ -383,9 +391,7 @@ class ParseRejectionTestCase(unittest.TestCase):
     def test_dec_out_of_range(self) -> None:
         for dec in (90.5, -91.0):
             with self.subTest(dec=dec):
-                self.assertInvalid(
-                    make_fields(position=[10.0, dec]), "field 'position'", r"dec .* \[-90, 90\]"
-                )
+                self.assertInvalid(make_fields(position=[10.0, dec]), "field 'position'", r"dec .* \[-90, 90\]")
         NextVisit.from_dict(make_fields(position=[359.9, -90.0]))
 
     def test_not_a_message(self) -> None:
@@ -400,7 +406,7 @@ class ParseRejectionTestCase(unittest.TestCase):
 
 
 class CheckUsableTestCase(unittest.TestCase):
-    """Tests for `workflow.visit.check_usable` and `parse_next_visit`."""
+    """Tests for `workflow.core.visit.check_usable` and `parse_next_visit`."""
 
     def test_usable(self) -> None:
         text = json.dumps(make_fields())
@@ -419,25 +425,19 @@ class CheckUsableTestCase(unittest.TestCase):
         for known in (KNOWN, ()):
             with self.subTest(known=known):
                 with self.assertRaisesRegex(UnknownInstrumentError, "field 'instrument': 'HSC'"):
-                    parse_next_visit(
-                        json.dumps(make_fields(instrument="HSC")), known_instruments=known, now=SND_STAMP
-                    )
+                    parse_next_visit(json.dumps(make_fields(instrument="HSC")), known_instruments=known, now=SND_STAMP)
 
     def test_not_icrs(self) -> None:
         for system in ("OBSERVED", 1, 4):
             with self.subTest(system=system):
                 with self.assertRaisesRegex(IgnorableVisit, "field 'coordinateSystem' is .*only ICRS"):
-                    parse_next_visit(
-                        make_fields(coordinateSystem=system), known_instruments=KNOWN, now=SND_STAMP
-                    )
+                    parse_next_visit(make_fields(coordinateSystem=system), known_instruments=KNOWN, now=SND_STAMP)
 
     def test_not_sky(self) -> None:
         for system in ("NONE", 3, 4):
             with self.subTest(system=system):
                 with self.assertRaisesRegex(IgnorableVisit, "field 'rotationSystem' is .*only SKY"):
-                    parse_next_visit(
-                        make_fields(rotationSystem=system), known_instruments=KNOWN, now=SND_STAMP
-                    )
+                    parse_next_visit(make_fields(rotationSystem=system), known_instruments=KNOWN, now=SND_STAMP)
 
     def test_stale(self) -> None:
         data = make_fields()
@@ -462,6 +462,89 @@ class CheckUsableTestCase(unittest.TestCase):
             parse_next_visit(bad, known_instruments=KNOWN, now=SND_STAMP)
         self.assertIs(type(cm.exception), InvalidVisit)
         self.assertIn("'salIndex'", str(cm.exception))
+
+
+POISON_GROUPS = ["../../../etc", "a/b", "", "..", ".", "g\n1", "g\x001", "/abs", "g 1", "x" * 81]
+
+
+class IdentifierTestCase(unittest.TestCase):
+    """Values that become paths are checked against `workflow.core.identifiers` when decoded."""
+
+    def test_poison_groups_rejected_by_every_decoder(self) -> None:
+        for group in POISON_GROUPS:
+            with self.subTest(group=group):
+                fields = make_fields(groupId=group)
+                for data in (fields, json.dumps(fields), json.dumps(fields).encode()):
+                    with self.assertRaises(InvalidIdentifier) as cm:
+                        decode_next_visit(data)
+                    self.assertEqual(cm.exception.reason, "invalid_group")
+                    self.assertIn("'groupId'", str(cm.exception))
+                with self.assertRaises(InvalidIdentifier):
+                    decode_next_visit(write_avro(make_summit_record(groupId=group)))
+                with self.assertRaises(InvalidIdentifier):
+                    DetectorVisit.from_dict({**fields, "detector": 1})
+
+    def test_real_groups_accepted(self) -> None:
+        for group in ("2025-01-10T03:00:40.000", "2024-11-28T07:12:13.123456", "2025011000042", "g1", "g"):
+            with self.subTest(group=group):
+                self.assertEqual(decode_next_visit(make_fields(groupId=group)).groupId, group)
+        self.assertEqual(GROUP_PATTERN, r"[A-Za-z0-9][A-Za-z0-9_.:+-]{0,79}")
+
+    def test_instrument_detector_and_day_obs(self) -> None:
+        for instrument in ("../LSSTCam", "LSST/Cam", "", "1Cam", "LSSTCam\n"):
+            with self.subTest(instrument=instrument), self.assertRaises(InvalidIdentifier) as cm:
+                decode_next_visit(make_fields(instrument=instrument))
+            self.assertEqual(cm.exception.reason, "invalid_instrument")
+        with self.assertRaises(InvalidIdentifier) as cm:
+            DetectorVisit.from_dict({**make_fields(), "detector": 10**30})
+        self.assertEqual(cm.exception.reason, "invalid_detector")
+        for stamp in (1e300, -1.0):
+            with self.subTest(stamp=stamp), self.assertRaises(InvalidIdentifier) as cm:
+                decode_next_visit(make_fields(private_sndStamp=stamp))
+            self.assertEqual(cm.exception.reason, "invalid_day_obs")
+
+    def test_target_key(self) -> None:
+        self.assertEqual(target_key("results/X/2026-11-27/g1/4/done.json"), ("X", "2026-11-27", "g1", 4))
+        for bad in ("results/X/2026-11-27/a/b/4/done.json", "results/X/2026-11-27/../4/done.json", "g1/4/done.json"):
+            with self.subTest(bad=bad):
+                self.assertIsNone(target_key(bad))
+
+
+class HostileInputTestCase(unittest.TestCase):
+    """Deep nesting and huge fields are malformed messages, reported in bounded text."""
+
+    def test_deeply_nested_json_is_malformed(self) -> None:
+        deep = "[" * 200_000 + "]" * 200_000
+        nested_field = json.dumps(make_fields())[:-1] + ', "x": ' + deep + "}"
+        for data in (deep, deep.encode(), nested_field, nested_field.encode()):
+            with self.assertRaisesRegex(InvalidVisit, "nested too deeply"):
+                decode_next_visit(data)
+
+    def test_huge_field_gives_a_short_message(self) -> None:
+        huge = "x" * 5_000_000
+        for changes in ({"groupId": huge}, {"survey": 5}, {"filters": ["y" * 5_000_000]}, {"instrument": huge}):
+            with self.subTest(field=next(iter(changes))), self.assertRaises(InvalidVisit) as cm:
+                decode_next_visit(json.dumps(make_fields(**changes)).encode())
+            self.assertLess(len(str(cm.exception)), 1000)
+        with self.assertRaises(InvalidVisit) as cm:
+            decode_next_visit(make_fields(groupId=huge))
+        self.assertIn("(5000000 chars)", str(cm.exception))
+
+
+class StartTimeStalenessTestCase(unittest.TestCase):
+    """``startTime`` too old is stale too, when ``max_start_age_s`` is given."""
+
+    def test_stale_start_time(self) -> None:
+        visit = NextVisit.from_dict(make_fields(startTime=SND_STAMP - 7200.0))
+        check_usable(visit, known_instruments=KNOWN, now=SND_STAMP)  # not checked by default
+        with self.assertRaisesRegex(StaleVisit, "'startTime' is 7260.0 s old, over the 3600 s limit") as cm:
+            check_usable(visit, known_instruments=KNOWN, max_start_age_s=3600.0, now=SND_STAMP + 60.0)
+        self.assertEqual(cm.exception.field, "startTime")
+        fresh = NextVisit.from_dict(make_fields())
+        check_usable(fresh, known_instruments=KNOWN, max_start_age_s=3600.0, now=SND_STAMP + 60.0)
+        with self.assertRaises(StaleVisit) as cm:
+            check_usable(fresh, known_instruments=KNOWN, max_age_s=10.0, max_start_age_s=3600.0, now=SND_STAMP + 60.0)
+        self.assertEqual(cm.exception.field, "private_sndStamp")
 
 
 if __name__ == "__main__":

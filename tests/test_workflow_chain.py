@@ -17,14 +17,14 @@ import pytest
 import yaml
 from raw_uploads import make_visit, upload_raw
 
-from workflow.buckets import open_bucket
-from workflow.central_repo import open_central_repo
-from workflow.config import instrument_config_path, load_config
-from workflow.demo_repo import build_demo_repo
-from workflow.prep import instrument_for_run
-from workflow.replay import replay, write_visit_files
-from workflow.snakemake_runner import run_snakemake
-from workflow.summary import collect_outcomes, summarize
+from workflow.core.buckets import open_bucket
+from workflow.core.config import instrument_config_path, load_config
+from workflow.core.instrument import instrument_for_run
+from workflow.outcomes.summary import collect_outcomes, summarize
+from workflow.repo.central_repo import open_central_repo
+from workflow.runtime.replay import replay, write_visit_files
+from workflow.runtime.snakemake_runner import run_snakemake
+from workflow.sim.demo_repo import build_demo_repo
 
 SCALE = 0.125
 
@@ -60,8 +60,13 @@ class ChainRun:
         self.config = load_config(instrument=instrument, extra_files=self.files)
 
     def snakemake(self, targets: list[str]):
-        return run_snakemake(targets, configfiles=[instrument_config_path(self.instrument), *self.files],
-                             directory=self.dir, log_file=self.dir / "snakemake.log", timeout=600)
+        return run_snakemake(
+            targets,
+            configfiles=[instrument_config_path(self.instrument), *self.files],
+            directory=self.dir,
+            log_file=self.dir / "snakemake.log",
+            timeout=600,
+        )
 
     def outcome(self, target) -> dict:
         done, failed = self.dir / target.done_file, self.dir / target.failed_file
@@ -73,8 +78,9 @@ def comcam(tmp_path_factory, monkeypatch_module):
     run_dir = tmp_path_factory.mktemp("chain-comcam")
     monkeypatch_module.chdir(run_dir)
     run = ChainRun(run_dir, "LSSTComCamSim")
-    build_demo_repo(run.config["central_repo"], ["LSSTComCamSim"], n_visits=1, scale=SCALE, n_detectors=1,
-                    progress=False)
+    build_demo_repo(
+        run.config["central_repo"], ["LSSTComCamSim"], n_visits=1, scale=SCALE, n_detectors=1, progress=False
+    )
     return run
 
 
@@ -85,27 +91,35 @@ def monkeypatch_module():
 
 
 def test_replay_runs_the_whole_chain(comcam):
-    batches = replay(comcam.config, instrument_file=instrument_config_path("LSSTComCamSim"), limit=1,
-                     extra_configfiles=comcam.files)
+    batches = replay(
+        comcam.config, instrument_file=instrument_config_path("LSSTComCamSim"), limit=1, extra_configfiles=comcam.files
+    )
     assert len(batches) == 1 and batches[0]["targets"] == 1, batches
     (record,) = collect_outcomes(comcam.dir / "results", "LSSTComCamSim")
-    assert record["outcome"] == "ok", (record, (comcam.dir / "snakemake.log").read_text()[-3000:]
-                                       if (comcam.dir / "snakemake.log").exists() else "")
-    assert record["pipeline"] == "ApPipe"
-    assert set(record["stage_seconds"]) == {"prep", "ingest", "pipeline", "export", "apdb"}
-    assert record["apdb"]["stored"] is True
+    assert record.outcome == "ok", (
+        record,
+        (comcam.dir / "snakemake.log").read_text()[-3000:] if (comcam.dir / "snakemake.log").exists() else "",
+    )
+    assert record.pipeline == "ApPipe"
+    assert set(record.stage_seconds) == {"prep", "ingest", "pipeline", "export", "apdb"}
+    assert set(record.stage_resources) == set(record.stage_seconds)  # what the forked stages used
+    assert record.stage_resources["pipeline"].cpu_user_s > 0 and record.stage_resources["pipeline"].max_rss_mb > 50
+    assert record.apdb["stored"] is True
     # Exported products are in the central repo, in the night's output chain.
     butler = open_central_repo(comcam.config["central_repo"])
-    chain = f"LSSTComCamSim/prompt/output-{record['day_obs']}"
-    types = {ref.datasetType.name for ref in butler.query_datasets(
-        "difference_image", collections=chain, limit=None, explain=False)}
+    chain = f"LSSTComCamSim/prompt/output-{record.day_obs}"
+    types = {
+        ref.datasetType.name
+        for ref in butler.query_datasets("difference_image", collections=chain, limit=None, explain=False)
+    }
     assert types == {"difference_image"}
 
 
 def _live_target(run: ChainRun, detector: int, group: str, **upload):
     instrument = instrument_for_run(run.config)
-    visit = make_visit(run.instrument, group, run.config["filters"][1]["physical_filter"],
-                       snd_stamp=time.time() + 37.0, duration=0.0)
+    visit = make_visit(
+        run.instrument, group, run.config["filters"][1]["physical_filter"], snd_stamp=time.time() + 37.0, duration=0.0
+    )
     bucket = open_bucket(run.config, run.config["buckets"]["raw"])
     if upload is not None and upload.get("skip") is not True:
         upload_raw(bucket, run.config, instrument, visit, detector, corrupt=upload.get("corrupt", False))
@@ -152,4 +166,4 @@ def test_second_instrument_replays(tmp_path, monkeypatch):
     batches = replay(run.config, instrument_file=instrument_config_path("HSC"), limit=1, extra_configfiles=run.files)
     assert batches[0]["returncode"] == 0, batches
     (record,) = collect_outcomes(tmp_path / "results", "HSC")
-    assert record["outcome"] in {"ok", "fallback"} and record["pipeline"] is not None, record
+    assert record.outcome in {"ok", "fallback"} and record.pipeline is not None, record
