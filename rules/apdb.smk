@@ -18,7 +18,7 @@ rule apdb:
     conda:
         ENV
     resources:
-        mem_mb=1000,
+        mem_mb=1100,
     params:
         config=CONFIG_JSON,
     shell:

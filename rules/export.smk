@@ -18,7 +18,7 @@ rule export:
     conda:
         ENV
     resources:
-        mem_mb=1000,
+        mem_mb=800,
     params:
         config=CONFIG_JSON,
     shell:

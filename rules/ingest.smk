@@ -16,7 +16,7 @@ rule ingest:
     conda:
         ENV
     resources:
-        mem_mb=1000,
+        mem_mb=400,
     params:
         config=CONFIG_JSON,
     shell:

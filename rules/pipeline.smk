@@ -19,7 +19,7 @@ rule pipeline:
         ENV
     threads: 1
     resources:
-        mem_mb=4000,
+        mem_mb=3300,
     params:
         config=CONFIG_JSON,
     shell:

@@ -16,7 +16,7 @@ rule prep:
     conda:
         ENV
     resources:
-        mem_mb=1000,
+        mem_mb=300,
     params:
         config=CONFIG_JSON,
     shell:

@@ -29,6 +29,7 @@ from stream_shim.service import DESIGNS, ShimAlreadyRunningError, ShimOptions, S
 from workflow.core.config import load_config
 from workflow.core.exceptions import ConfigError
 from workflow.core.log_setup import configure_logging
+from workflow.core.redact import redact_text
 
 _log = logging.getLogger("stream_shim")
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(instrument=args.instrument, extra_files=extra)
         configure_logging(config["log_levels"], json_lines=True, stream=sys.stderr)
     except ConfigError as exc:
-        print(f"stream_shim: error: {exc}", file=sys.stderr)
+        print(f"stream_shim: error: {redact_text(str(exc))}", file=sys.stderr)
         return 78
     workdir = Path(args.workdir).resolve()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -121,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         return StreamShim(options, config).run(stop)
     except HealthCheckError as exc:
         _log.error("%s", exc)
-        print(f"stream_shim: {exc}", file=sys.stderr)
+        print(f"stream_shim: {redact_text(str(exc))}", file=sys.stderr)
         return 69
     except ShimAlreadyRunningError as exc:
         _log.error("%s", exc)

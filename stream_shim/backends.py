@@ -9,7 +9,9 @@ Each batch pays Snakemake's start-up (import, parse, DAG: ~2-3 s).
 (`stream_shim.queue_runner`) whose DAG grows as targets arrive on its stdin;
 all visits share its ``--cores`` bound, and a new target starts within
 ``--queue-input-wait-time`` (1 s).  Draining is closing stdin: Snakemake
-finishes what it has and exits.
+finishes what it has and exits.  Every ``rollover_targets`` targets a fresh
+process takes the new targets while the old one finishes its own and exits
+(`stream_shim.rollover`): no process grows with the night.
 
 Both hand every child to `stream_shim.process_group` (own process group, dies
 with the shim, recorded for cleanup, stopped with SIGTERM then SIGKILL after
@@ -44,6 +46,7 @@ from typing import IO, Any, Protocol
 from stream_shim.crash_loop import CrashLoop, find_culprits
 from stream_shim.process_group import ChildRegistry, group_members, signal_group, spawn, stop_group
 from stream_shim.quarantine import INVALID_TARGET, UNBUILDABLE, quarantine, unbuildable_targets
+from stream_shim.rollover import Generation, Retirees, RolloverPolicy
 from stream_shim.status import ShimStatus
 from workflow.core.identifiers import target_key
 from workflow.core.log_fields import shorten
@@ -53,7 +56,7 @@ _log = logging.getLogger(__name__)
 
 _DAY_OBS = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 _NOISE = ("Waiting for queue input...", "Updating jobs with queue input...")
-_TAIL_LINES = 400  # of the streaming process's output, read for unbuildable targets when it exits
+_TAIL_LINES = 2000  # of the streaming process's output, read for unbuildable targets when it exits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,17 +104,21 @@ def job_error_target(output_line: str) -> tuple[str, str, str, int] | None:
 class _OutputFilter:
     """Copy a child's output to its log, dropping queue chatter, and spot failed jobs."""
 
-    def __init__(self, log: IO[str], on_job_error: JobErrorCallback) -> None:
+    def __init__(self, log: IO[str], on_job_error: JobErrorCallback, lock: threading.Lock | None = None) -> None:
         self.log, self.on_job_error = log, on_job_error
+        self._lock = lock or threading.Lock()  # shared by the processes writing to one log
         self._in_error = False
         self.tail: collections.deque[str] = collections.deque(maxlen=_TAIL_LINES)
+        self.failed: set[tuple[str, str, str, int]] = set()
+        """Targets of the jobs reported failed."""
 
     def feed(self, line: str) -> None:
         if line.strip() in _NOISE:
             return
         self.tail.append(line)
-        self.log.write(line)
-        self.log.flush()
+        with self._lock:
+            self.log.write(line)
+            self.log.flush()
         stripped = line.strip()
         if stripped.startswith("Error in rule "):
             self._in_error = True
@@ -119,6 +126,7 @@ class _OutputFilter:
             self._in_error = False
             key = job_error_target(stripped)
             if key is not None:
+                self.failed.add(key)
                 self.on_job_error(key)
         elif self._in_error and not stripped:
             self._in_error = False
@@ -298,6 +306,9 @@ class StreamingBackend:
         How long a process must live for its exit not to count as quick.
     probe_timeout_s : `float`, optional
         Bound on each ``--dry-run`` of the crash-loop search.
+    rollover_targets : `int` or `None`, optional
+        Targets fed to one process before a fresh one takes the new targets
+        (`stream_shim.rollover`; counted as ``backend``/``rollover``); `None`: never.
     """
 
     name = "streaming"
@@ -320,6 +331,7 @@ class StreamingBackend:
         crash_loop_exits: int = 3,
         stable_s: float = 60.0,
         probe_timeout_s: float = 600.0,
+        rollover_targets: int | None = None,
     ) -> None:
         self._command, self._env, self._log_dir = command, dict(env), Path(log_dir)
         self._registry, self._workdir, self._unfinished = registry, Path(workdir), unfinished
@@ -328,9 +340,13 @@ class StreamingBackend:
         self._probe_timeout_s = probe_timeout_s
         self.quarantined: set[str] = set()
         """Targets given a ``failed.json`` by this backend: never fed again."""
-        self._fed: set[str] = set()
+        self._policy = RolloverPolicy(rollover_targets)
+        self._retirees = Retirees()
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[str] | None = None
+        self._gen: Generation | None = None
+        self._proc: subprocess.Popen[str] | None = None  # the current generation's
+        self._log: IO[str] | None = None
+        self._log_lock = threading.Lock()
         self._draining: tuple[float, float] | None = None
         self._drain_requested = threading.Event()
         self._started = threading.Event()
@@ -338,6 +354,7 @@ class StreamingBackend:
         self._on_ended: EndedCallback = lambda targets, reason: None
         self._on_job_error: JobErrorCallback = lambda key: None
         self.restarts = 0
+        self.rollovers = 0
 
     def start(self, on_ended: EndedCallback, on_job_error: JobErrorCallback) -> None:
         """Start the Snakemake process (and restart it if it dies)."""
@@ -346,9 +363,9 @@ class StreamingBackend:
         self._started.wait(30.0)
 
     def processes(self) -> int:
-        """Return 1 while the Snakemake process runs."""
-        proc = self._proc
-        return int(proc is not None and proc.poll() is None)
+        """Return how many Snakemake processes run (a rolled-over one finishing its targets included)."""
+        procs = [self._proc, *(g.proc for g in self._retirees.all())]
+        return sum(proc is not None and proc.poll() is None for proc in procs)
 
     def submit(self, batch: Batch) -> None:
         """Hand the targets to Snakemake (or keep them for the restarted process).
@@ -360,17 +377,50 @@ class StreamingBackend:
         if not targets:
             return
         with self._lock:
-            proc = self._proc
-            if proc is None or proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
+            gen = self._gen
+            if gen is not None and self._draining is None and self._policy.due(gen) and gen.proc.poll() is None:
+                gen = self._roll_over(gen)
+            if gen is None or not self._write(gen, targets):
                 return  # fed by _spawn from the submitter's unfinished targets
+            _log.debug("batch %s: %d target(s) fed to pid %d", batch.batch_id, len(targets), gen.proc.pid)
+
+    def _write(self, gen: Generation, targets: Sequence[str]) -> bool:
+        """Feed ``targets`` to ``gen`` (lock held); return whether it took them."""
+        proc = gen.proc
+        if proc.poll() is not None or proc.stdin is None or proc.stdin.closed:
+            return False
+        try:
+            proc.stdin.write("".join(t + "\n" for t in targets))
+            proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as exc:
+            _log.warning("snakemake pid %d not taking targets (%s); it will be restarted", proc.pid, exc)
+            return False
+        gen.fed.update(targets)
+        return True
+
+    def _roll_over(self, old: Generation) -> Generation:
+        """Start a fresh process for the new targets; tell ``old`` to finish its own (lock held)."""
+        new = self._spawn_locked(again=[])
+        self._retirees.add(old)
+        if old.proc.stdin is not None:
             try:
-                proc.stdin.write("".join(t + "\n" for t in targets))
-                proc.stdin.flush()
-                self._fed.update(targets)
-            except (BrokenPipeError, OSError, ValueError) as exc:
-                _log.warning(
-                    "batch %s: snakemake process not taking targets (%s); it will be restarted", batch.batch_id, exc
-                )
+                old.proc.stdin.close()  # -> FINISHED: it completes its DAG and exits
+            except OSError:
+                pass
+        self.rollovers += 1
+        if self._status is not None:
+            self._status.count("backend", "rollover")
+        _log.info(
+            "rollover %d: snakemake streaming pid %d was fed %d target(s); new targets go to pid %d, "
+            "pid %d finishes its own and exits (%d process(es) finishing)",
+            self.rollovers,
+            old.proc.pid,
+            len(old.fed),
+            new.proc.pid,
+            old.proc.pid,
+            len(self._retirees),
+        )
+        return new
 
     def _admit(self, targets: Sequence[str]) -> list[str]:
         """Return the targets to feed: not quarantined, and well-formed (the others are quarantined)."""
@@ -400,56 +450,130 @@ class StreamingBackend:
                     _log.exception("quarantine callback failed for target %s", shorten(target))
             self._on_ended([target], f"quarantined: {error}")
 
-    def _spawn(self) -> subprocess.Popen[str]:
+    def _spawn(self) -> Generation:
+        """Start a process (first start or restart) fed the unfinished targets no retiree holds."""
         with self._lock:
-            self._fed = set()
-            self._proc = spawn(
-                self._command,
-                registry=self._registry,
-                cwd=self._workdir,
-                env=self._env,
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                text=True,
-            )
-            again = [t for t in self._unfinished() if t not in self.quarantined]
-            if again:
-                assert self._proc.stdin is not None
-                self._proc.stdin.write("".join(t + "\n" for t in again))
-                self._proc.stdin.flush()
-                self._fed.update(again)
+            owned = self._retirees.owned()
+            again = [t for t in self._unfinished() if t not in self.quarantined and t not in owned]
+            gen = self._spawn_locked(again)
         _log.info(
             "snakemake streaming process started, pid %d%s",
-            self._proc.pid,
+            gen.proc.pid,
             f"; {len(again)} unfinished target(s) fed again" if again else "",
         )
-        return self._proc
+        return gen
+
+    def _spawn_locked(self, again: Sequence[str]) -> Generation:
+        """Start a process, make it the current one and feed it ``again`` (lock held)."""
+        proc = spawn(
+            self._command,
+            registry=self._registry,
+            cwd=self._workdir,
+            env=self._env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert self._log is not None  # opened by _supervise before the first process
+        gen = Generation(proc, time.monotonic(), output=_OutputFilter(self._log, self._on_job_error, self._log_lock))
+        gen.reader = threading.Thread(target=self._pump, args=(gen,), name=f"snakemake-{proc.pid}", daemon=True)
+        gen.reader.start()
+        self._gen, self._proc = gen, proc
+        if again:
+            self._write(gen, again)
+        return gen
+
+    @staticmethod
+    def _pump(gen: Generation) -> None:
+        """Copy a process's output to the log (its own thread: processes run side by side)."""
+        assert gen.proc.stdout is not None
+        try:
+            for line in gen.proc.stdout:
+                gen.output.feed(line)
+        except (OSError, ValueError):  # the log closed at the end of a drain
+            pass
+
+    def _follow(self) -> Generation:
+        """Wait until the current process ends, through rollovers; return its generation."""
+        while True:
+            with self._lock:
+                current = self._gen
+            assert current is not None
+            if current.exited():
+                return current
+            try:
+                current.proc.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            self._reap_retirees()
+
+    def _reap_retirees(self) -> None:
+        """Handle the rolled-over processes that exited: a clean exit built all their targets.
+
+        One that died (a signal, a crash, or a failed job: exit not 0) has its
+        unbuildable targets quarantined and the others without an outcome fed to
+        the current process, as a restart would, except those whose job it
+        reported failed (the submitter fails or retries them).  A planned exit
+        is no crash: the crash-loop count is left alone.
+        """
+        for gen in self._retirees.ended():
+            self._kill_group(gen.proc)  # its jobs' leftovers, if any
+            gen.read_to_end()
+            code = gen.proc.returncode
+            lasted = time.monotonic() - (gen.retired_at or gen.started)
+            if code == 0:
+                _log.info(
+                    "rolled-over snakemake pid %d exited after finishing its %d target(s), %.0f s after its rollover",
+                    gen.proc.pid,
+                    len(gen.fed),
+                    lasted,
+                )
+                continue
+            culprits = [t for t in unbuildable_targets(gen.output.tail, gen.fed) if t not in self.quarantined]
+            if culprits:
+                self._quarantine(culprits, UNBUILDABLE, "Snakemake cannot build this target (no rule produces it)")
+            with self._lock:
+                left = [
+                    t
+                    for t in self._unfinished()
+                    if t in gen.fed and t not in self.quarantined and target_key(t) not in gen.output.failed
+                ]
+                current = self._gen
+                fed = current is not None and self._draining is None and bool(left) and self._write(current, left)
+            _log.error(
+                "rolled-over snakemake pid %d exited with %d %.0f s after its rollover; %d of its %d target(s) "
+                "without an outcome %s",
+                gen.proc.pid,
+                code,
+                lasted,
+                len(left),
+                len(gen.fed),
+                f"fed to pid {current.proc.pid}" if fed and current is not None else "left for the next process",
+            )
 
     def _supervise(self) -> None:
         self._log_dir.mkdir(parents=True, exist_ok=True)
         delay = self._RESTART_DELAY_S
         with open(self._log_dir / "snakemake-stream.log", "a") as log:
+            self._log = log
             while self._draining is None:
-                started = time.monotonic()
-                proc = self._spawn()
+                gen = self._spawn()
                 self._started.set()
                 stable = threading.Timer(self._loop.stable_s, self._lived_long)
                 stable.daemon = True
                 stable.start()
-                assert proc.stdout is not None
-                output = _OutputFilter(log, self._on_job_error)
-                for line in proc.stdout:
-                    output.feed(line)
-                proc.wait()
+                gen = self._follow()  # the current process, once it ended (rollovers followed)
+                proc, output = gen.proc, gen.output
                 stable.cancel()
                 if self._draining is not None:
                     break
                 self.restarts += 1
-                lived = time.monotonic() - started
+                lived = time.monotonic() - gen.started
                 delay = self._RESTART_DELAY_S if lived > self._RESTART_MAX_S else delay
                 self._kill_group(proc)
+                gen.read_to_end()  # its last lines (an unbuildable target's name), once its jobs are gone
                 with self._lock:
-                    fed = self._fed | set(self._unfinished())
+                    fed = gen.fed | set(self._unfinished())
                 culprits = [t for t in unbuildable_targets(output.tail, fed) if t not in self.quarantined]
                 if culprits:
                     _log.error(
@@ -496,9 +620,15 @@ class StreamingBackend:
         if self._status is not None:
             self._status.count("backend", "crash_loop")
             self._status.set_condition(self.CONDITION, "unhealthy", detail)
-        culprits = find_culprits(suspects, lambda targets: self._probe(targets, log))
-        if not culprits:
+        self._loop.reset()  # the next search only after as many quick exits again
+        control = self._probe([], log)  # no target: does the workflow itself parse?
+        if control is False:
+            culprits: list[str] | None = []
+            why = "the workflow fails with no target at all"
+        else:
+            culprits = None if control is None else find_culprits(suspects, lambda t: self._probe(t, log))
             why = "the search was interrupted" if culprits is None else "every target builds: the workflow itself fails"
+        if not culprits:
             _log.error("crash loop: no culprit target found (%s); restarting with back-off (see %s)", why, log.name)
             if self._status is not None:
                 self._status.set_condition(self.CONDITION, "unhealthy", f"{detail}: no culprit found ({why})")
@@ -509,7 +639,6 @@ class StreamingBackend:
             "quarantined after a crash loop of the streaming Snakemake: "
             "'snakemake --dry-run' of this target fails (see the shim's snakemake-stream.log)",
         )
-        self._loop.reset()
         if self._status is not None:
             self._status.set_condition(
                 self.CONDITION,
@@ -522,10 +651,11 @@ class StreamingBackend:
         """Return whether ``snakemake --dry-run`` builds the DAG of ``targets`` (`None`: draining, gave up)."""
         if self._draining is not None:
             return None
-        log.write(f"--- shim: crash-loop probe, --dry-run of {len(targets)} target(s)\n")
-        log.flush()
+        with self._log_lock:
+            log.write(f"--- shim: crash-loop probe, --dry-run of {len(targets)} target(s)\n")
+            log.flush()
         proc = spawn(
-            [*self._command, "--dry-run", "--", *targets],
+            [*self._command, "--dry-run", *(["--", *targets] if targets else [])],
             registry=self._registry,
             cwd=self._workdir,
             env=self._env,
@@ -539,8 +669,9 @@ class StreamingBackend:
             _log.error("crash-loop probe of %d target(s) timed out after %.0f s", len(targets), self._probe_timeout_s)
             return None
         stop_group(proc, wait_s=0, registry=self._registry)
-        log.write(f"--- shim: probe exit {code}\n")
-        log.flush()
+        with self._log_lock:
+            log.write(f"--- shim: probe exit {code}\n")
+            log.flush()
         return code == 0
 
     def _kill_group(self, proc: subprocess.Popen[str]) -> None:
@@ -552,14 +683,18 @@ class StreamingBackend:
         """Close Snakemake's input: it finishes what it has, within ``grace_s``; then stop it."""
         self._draining = (grace_s, term_wait_s)
         self._drain_requested.set()
+        deadline = time.monotonic() + grace_s
         with self._lock:
-            proc = self._proc
-            if proc is not None and proc.stdin is not None and not proc.stdin.closed:
-                try:
-                    proc.stdin.close()  # -> FINISHED: Snakemake completes its DAG and exits
-                except OSError:
-                    pass
-        if proc is not None:
-            how = stop_group(proc, wait_s=grace_s, term_wait_s=term_wait_s, registry=self._registry)
+            procs = [g.proc for g in self._retirees.all()] + ([self._proc] if self._proc is not None else [])
+            for proc in procs:
+                if proc.stdin is not None and not proc.stdin.closed:
+                    try:
+                        proc.stdin.close()  # -> FINISHED: Snakemake completes its DAG and exits
+                    except OSError:
+                        pass
+        for proc in procs:  # the rolled-over ones first: their targets are the older
+            how = stop_group(
+                proc, wait_s=max(deadline - time.monotonic(), 0.0), term_wait_s=term_wait_s, registry=self._registry
+            )
             _log.info("drain: snakemake streaming process pid %d %s", proc.pid, how)
         self._thread.join(timeout=term_wait_s + 15.0)

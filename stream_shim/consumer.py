@@ -2,7 +2,11 @@
 
 `ConsumeLoop` polls one topic and hands each message to a handler; the offset is
 committed (synchronously) only when the handler has returned, so a message whose
-handling did not finish is delivered again after a restart (at least once).
+handling did not finish is delivered again after a restart (at least once).  A
+`stream_shim.watchdog.ConsumerWatchdog` recreates the consumer when it gets no
+assignment, stalls behind new messages or sees repeated broker errors; the
+loop's members are static (``group.instance.id``, `consumer_settings`), so a
+consumer that stops before its assignment does not wedge the group.
 
 `NextVisitHandler` turns one next_visit into targets: decode (JSON or Avro,
 `workflow.core.visit.decode_next_visit`), check (`workflow.core.visit.check_usable`), fan out
@@ -12,9 +16,11 @@ submit its targets.  Anything unusable is logged, counted by reason and skipped.
 
 from __future__ import annotations
 
-__all__ = ["KafkaLog", "consumer_settings", "ConsumeLoop", "NextVisitHandler", "drop_reason"]
+__all__ = ["KafkaLog", "instance_id", "consumer_settings", "ConsumeLoop", "NextVisitHandler", "drop_reason"]
 
+import hashlib
 import logging
+import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -25,6 +31,7 @@ from stream_shim.journal import AcceptedVisit, VisitJournal
 from stream_shim.status import ShimStatus
 from stream_shim.submission import Submitter
 from stream_shim.target_store import LocalStore, PathOutsideRunDirError, TargetStore, contained_path
+from stream_shim.watchdog import ConsumerWatchdog, WatchdogLimits
 from workflow.core.config import known_instruments
 from workflow.core.exceptions import (
     IgnorableVisit,
@@ -40,6 +47,7 @@ from workflow.stages.target import TargetPaths
 _log = logging.getLogger(__name__)
 
 _HANDLER_RETRIES = 3
+_COMMIT_TRIES = 3
 _DROP_MESSAGE_LIMIT = 600  # characters of a drop's message kept in the log line
 
 
@@ -50,16 +58,39 @@ class KafkaLog:
         _log.debug("librdkafka: " + msg, *args)
 
 
-def consumer_settings(bootstrap: str, group: str, **extra: Any) -> dict[str, Any]:
+def instance_id(group: str, member: str | None = None) -> str:
+    """Return the static member id (``group.instance.id``) of this host's consumer in ``group``.
+
+    Stable across restarts: a fresh consumer with the same id takes over the
+    partitions of its predecessor at once, even if that one died or left
+    before its assignment (which wedges a Tansu group of dynamic members).
+
+    Parameters
+    ----------
+    group : `str`
+        Consumer group.
+    member : `str`, optional
+        Tells apart consumers of one group on one host (e.g. the shim's state
+        directory); two live consumers with the same id fence each other.
+    """
+    suffix = f".{hashlib.sha1(member.encode()).hexdigest()[:10]}" if member else ""
+    return f"{group}.{socket.gethostname()}{suffix}"
+
+
+def consumer_settings(bootstrap: str, group: str, *, member: str | None = None, **extra: Any) -> dict[str, Any]:
     """Return consumer settings: manual commits, earliest for a new group, quick group joins.
 
     A new group starts at the earliest offset: stale next_visits are dropped by
     age, so nothing old is processed, and nothing sent before the first start
     is lost (Tansu's high watermark is not reliable enough for ``latest``).
+    Members are static (`instance_id`, with ``member``): a restarted consumer
+    gets its partitions back within seconds, a dead one holds them for at most
+    ``session.timeout.ms``.
     """
     return {
         "bootstrap.servers": bootstrap,
         "group.id": group,
+        "group.instance.id": instance_id(group, member),
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "session.timeout.ms": 3000,
@@ -86,7 +117,17 @@ class ConsumeLoop(threading.Thread):
     stop : `threading.Event`
         Ends the loop.
     status : `stream_shim.status.ShimStatus`
-        Counts go here, category ``name``.
+        Counts go here, category ``name`` (``kafka_error``, ``consumer_restarted``, ...).
+    limits : `stream_shim.watchdog.WatchdogLimits`, optional
+        Bounds of the watchdog that recreates a stuck consumer.
+
+    Attributes
+    ----------
+    assigned : `threading.Event`
+        Set once a consumer of the loop got its partitions.
+    watchdog : `stream_shim.watchdog.ConsumerWatchdog`
+    failed : `BaseException` or `None`
+        Why the loop ended by itself (the service then stops).
     """
 
     def __init__(
@@ -97,39 +138,101 @@ class ConsumeLoop(threading.Thread):
         handler: Callable[[Any], None],
         stop: threading.Event,
         status: ShimStatus,
+        *,
+        limits: WatchdogLimits | None = None,
     ) -> None:
         super().__init__(name=name, daemon=True)
         self.settings, self.topic, self.handler, self.stop, self.status = dict(settings), topic, handler, stop, status
         self.failed: BaseException | None = None
         self.assigned = threading.Event()
+        self.watchdog = ConsumerWatchdog(name, status, limits)
 
     def run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                consumer = self._new_consumer()
+            except Exception as exc:  # noqa: BLE001 - reported by the service
+                self.failed = exc
+                return
+            try:
+                reason = self._consume(consumer)
+            except Exception as exc:  # noqa: BLE001 - reported by the service, which stops
+                self.failed = exc
+                _log.exception("%s consumer stopped", self.topic)
+                return
+            finally:
+                self._close(consumer)
+            if reason is None:
+                return
+            self.watchdog.restarting(reason)
+
+    def _new_consumer(self) -> Any:
         from confluent_kafka import Consumer
 
-        try:
-            consumer = Consumer(self.settings)
-        except Exception as exc:  # noqa: BLE001 - reported by the service
-            self.failed = exc
-            return
-        consumer.subscribe([self.topic], on_assign=lambda c, parts: self.assigned.set())
+        consumer = Consumer({**self.settings, "error_cb": self._on_error})
+        self.watchdog.created()
+        consumer.subscribe([self.topic], on_assign=self._on_assign, on_revoke=self._on_revoke, on_lost=self._on_revoke)
         _log.info("consuming %s as group %s", self.topic, self.settings["group.id"])
-        try:
-            while not self.stop.is_set():
-                message = consumer.poll(0.5)
-                if message is None:
-                    continue
-                if message.error() is not None:
-                    self.status.count(self.name, "kafka_error")
-                    _log.warning("%s: Kafka error: %s", self.topic, message.error())
-                    continue
+        return consumer
+
+    def _on_assign(self, consumer: Any, partitions: list[Any]) -> None:
+        self.watchdog.assigned()
+        self.assigned.set()
+
+    def _on_revoke(self, consumer: Any, partitions: list[Any]) -> None:
+        self.watchdog.revoked()
+
+    def _on_error(self, error: Any) -> None:
+        streak = self.watchdog.error(error)
+        # the first of a burst (a broker away reports each reconnection) at WARNING, the rest at DEBUG
+        _log.log(logging.WARNING if streak == 1 else logging.DEBUG, "%s: Kafka error: %s", self.topic, error)
+
+    def _consume(self, consumer: Any) -> str | None:
+        """Poll, handle and commit until stopped (`None`) or the watchdog wants a new consumer (why)."""
+        while not self.stop.is_set():
+            message = consumer.poll(0.5)
+            if message is not None and message.error() is not None:
+                _log.warning("%s: Kafka error: %s", self.topic, message.error())
+                self.watchdog.error(message.error())
+            elif message is not None:
                 if not self._handle(message):
-                    break  # stopping in the middle: not committed, delivered again next time
+                    return None  # stopping in the middle: not committed, delivered again next time
+                if not self._commit(consumer, message):
+                    return None if self.stop.is_set() else "commit failed (the message is delivered again)"
+                self.watchdog.progressed()
+            reason = self.watchdog.check(consumer)
+            if reason is not None:
+                return reason
+        return None
+
+    def _commit(self, consumer: Any, message: Any) -> bool:
+        """Commit the offset after ``message``, retrying; return whether it was committed."""
+        from confluent_kafka import KafkaException
+
+        for attempt in range(1, _COMMIT_TRIES + 1):
+            try:
                 consumer.commit(message=message, asynchronous=False)
-        except Exception as exc:  # noqa: BLE001 - reported by the service, which stops
-            self.failed = exc
-            _log.exception("%s consumer stopped", self.topic)
-        finally:
+                return True
+            except KafkaException as exc:
+                _log.warning(
+                    "%s: commit of offset %d (partition %d) failed (attempt %d of %d): %s",
+                    self.topic,
+                    message.offset(),
+                    message.partition(),
+                    attempt,
+                    _COMMIT_TRIES,
+                    exc,
+                )
+                self.watchdog.error(exc)
+            if attempt < _COMMIT_TRIES and self.stop.wait(0.5):
+                return False
+        return False
+
+    def _close(self, consumer: Any) -> None:
+        try:
             consumer.close()
+        except Exception as exc:  # noqa: BLE001 - a consumer that cannot close is dropped anyway
+            _log.warning("%s: closing the consumer failed: %s", self.topic, exc)
 
     def _handle(self, message: Any) -> bool:
         """Handle a message, retrying; return `False` if stopped before it was handled or given up."""

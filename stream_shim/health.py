@@ -142,7 +142,8 @@ def check_apdb(apdb_config: Mapping[str, Any]) -> str:
     db_url = apdb_config.get("db_url") or ""
     if db_url and redact_url(db_url) != db_url:
         _log.warning(
-            "apdb.db_url %s holds a password: put it in db-auth.yaml or PGPASSWORD instead (docs/operations.md)",
+            "apdb.db_url %s carries its password in the URL; move it to db-auth.yaml or PGPASSWORD "
+            "(docs/operations.md)",
             redact_url(db_url),
         )
     open_apdb(apdb_config, create=True)

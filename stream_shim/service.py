@@ -227,6 +227,7 @@ class StreamShim:
             unfinished=submitter_unfinished,
             status=self.status,
             on_quarantined=self._forget_quarantined,
+            rollover_targets=self.config["submission"].get("rollover_targets"),
         )
 
     def _forget_quarantined(self, target: str, record: FailedRecord) -> None:
@@ -313,7 +314,7 @@ class StreamShim:
         loops = [
             ConsumeLoop(
                 "raw_notification",
-                consumer_settings(bootstrap, f"{group}-raw-arrivals"),
+                consumer_settings(bootstrap, f"{group}-raw-arrivals", member=str(self.state_dir)),
                 topics["raw_notification"],
                 arrivals,
                 stop_all,
@@ -321,7 +322,7 @@ class StreamShim:
             ),
             ConsumeLoop(
                 "next_visit",
-                consumer_settings(bootstrap, group),
+                consumer_settings(bootstrap, group, member=str(self.state_dir)),
                 topics["next_visit"],
                 handler,
                 intake_stop,
@@ -333,7 +334,7 @@ class StreamShim:
             loops.append(
                 ConsumeLoop(
                     "bridge",
-                    consumer_settings(bootstrap, f"{group}-filer-bridge"),
+                    consumer_settings(bootstrap, f"{group}-filer-bridge", member=str(self.state_dir)),
                     self.options.filer_topic,
                     bridge,
                     stop_all,

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import shutil
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from workflow.core.config import PROJECT_ROOT
@@ -27,3 +28,23 @@ def wait_until(predicate: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.05)
     return True
+
+
+def queue_runner_command(snakefile: Path, directory: Path, *, cores: int = 2, extra: Sequence[str] = ()) -> list[str]:
+    """The streaming backend's command for a stand-in Snakefile: `stream_shim.queue_runner` with the shim's flags."""
+    return [
+        sys.executable,
+        "-m",
+        "stream_shim.queue_runner",
+        "--snakefile",
+        str(snakefile),
+        "--cores",
+        str(cores),
+        "--queue-input-wait-time",
+        "1",
+        "--nolock",
+        *extra,
+        "--keep-going",
+        "--directory",
+        str(directory),
+    ]

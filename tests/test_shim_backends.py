@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from shared_helpers import wait_until
+from shared_helpers import queue_runner_command, wait_until
 
 from stream_shim.backends import Batch, StreamingBackend, SubprocessPoolBackend
 from stream_shim.process_group import ChildRegistry, group_members, process_start_ticks, spawn, stop_group
@@ -66,21 +66,7 @@ class TestStreamingBackend:
     """Tests for `stream_shim.backends.StreamingBackend` with `stream_shim.queue_runner`."""
 
     def _backend(self, tmp_path: Path, unfinished=lambda: []) -> StreamingBackend:
-        command = [
-            sys.executable,
-            "-m",
-            "stream_shim.queue_runner",
-            "--snakefile",
-            str(_toy(tmp_path)),
-            "--cores",
-            "2",
-            "--queue-input-wait-time",
-            "1",
-            "--nolock",
-            "--keep-going",
-            "--directory",
-            str(tmp_path),
-        ]
+        command = queue_runner_command(_toy(tmp_path), tmp_path)
         return StreamingBackend(
             command,
             env={"PATH": "/usr/bin:/bin"},

@@ -16,13 +16,12 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 from astropy.time import Time
-from shared_helpers import wait_until
+from shared_helpers import queue_runner_command, wait_until
 
 from stream_shim.backends import StreamingBackend
 from stream_shim.consumer import NextVisitHandler
@@ -35,8 +34,8 @@ from stream_shim.submission import Submitter
 from stream_shim.target_store import LocalStore, PathOutsideRunDirError
 from workflow.core.config import load_config
 from workflow.core.instrument import instrument_for_run
-from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
-from workflow.stages.target import TargetPaths, write_json
+from workflow.core.visit import CoordSys, Dome, RotSys
+from workflow.stages.target import TargetPaths, existing_visit_files, write_json
 
 INSTRUMENT = "LSSTComCamSim"
 GROUP = "2026-11-28T01:02:03.456"
@@ -200,6 +199,11 @@ class TestContainment:
         store.write_json(Path("visits/a/../b.json"), {"a": 1})
         assert _files(tmp_path) == [tmp_path / "run" / "visits" / "b.json"]
 
+    def test_batch_targets_skip_visit_files_with_bad_names(self, tmp_path) -> None:
+        for group in (GROUP, "..x", "g 1"):
+            write_json(tmp_path / "visits" / INSTRUMENT / "2026-11-27" / group / "4.json", {})
+        assert existing_visit_files(tmp_path / "visits", INSTRUMENT) == [("2026-11-27", GROUP, 4)]
+
     def test_a_journaled_bad_visit_is_not_resumed_and_leaves_the_journal(self, tmp_path) -> None:
         config = load_config(instrument=INSTRUMENT)
         shim = StreamShim(ShimOptions(instrument=INSTRUMENT, workdir=tmp_path, health_check=False), config)
@@ -299,21 +303,7 @@ def streaming(tmp_path):
     config = load_config(instrument=INSTRUMENT)
     shim = StreamShim(ShimOptions(instrument=INSTRUMENT, workdir=tmp_path, health_check=False), config)
     submitter = Submitter(None, status, workdir=tmp_path, poll_s=0.1)
-    command = [
-        sys.executable,
-        "-m",
-        "stream_shim.queue_runner",
-        "--snakefile",
-        str(tmp_path / "Snakefile"),
-        "--cores",
-        "2",
-        "--queue-input-wait-time",
-        "1",
-        "--nolock",
-        "--keep-going",
-        "--directory",
-        str(tmp_path),
-    ]
+    command = queue_runner_command(tmp_path / "Snakefile", tmp_path)
     backend = StreamingBackend(
         command,
         env={"PATH": "/usr/bin:/bin"},
@@ -333,7 +323,9 @@ def streaming(tmp_path):
 def _journal(journal: VisitJournal, paths: list[TargetPaths]) -> None:
     for p in paths:
         journal.append(
-            AcceptedVisit(instrument=p.instrument, day_obs=p.day_obs, group=p.group, detectors=(p.detector,), accepted=1)
+            AcceptedVisit(
+                instrument=p.instrument, day_obs=p.day_obs, group=p.group, detectors=(p.detector,), accepted=1
+            )
         )
 
 
@@ -381,6 +373,17 @@ class TestStreamingQuarantine:
         assert backend.restarts >= 3
         log = (tmp_path / "logs" / "snakemake-stream.log").read_text()
         assert "InputFunctionException" in log and "crash-loop probe" in log
+
+    def test_a_broken_workflow_quarantines_nothing_and_stays_unhealthy(self, streaming, tmp_path) -> None:
+        submitter, backend, status, _ = streaming
+        (tmp_path / "Snakefile").write_text(STAND_IN + "\nrule broken\n")  # a syntax error: no target is to blame
+        targets = [_paths("X", 1), _paths("X", 2)]
+        submitter.submit(targets, batch_id="g1")
+        assert wait_until(lambda: status.counts("backend").get("crash_loop") == 1 and len(status.history) >= 2, 120)
+        assert status.history[-1] == ("backend", "unhealthy", False)
+        assert "no culprit found (the workflow fails with no target at all)" in status.health()[1]
+        assert backend.quarantined == set() and _files(tmp_path / "results") == []
+        assert sorted(submitter.unfinished()) == sorted(str(t.done_file) for t in targets)
 
 
 class TestUnbuildableParsing:

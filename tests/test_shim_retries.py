@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shared_helpers import wait_until
+from shared_helpers import queue_runner_command, wait_until
 
 from stream_shim.backends import Batch, StreamingBackend, SubprocessPoolBackend
 from stream_shim.process_group import ChildRegistry
@@ -255,17 +255,7 @@ def _pool(tmp_path: Path, name: str = "pool") -> SubprocessPoolBackend:
 
 
 def _streaming(tmp_path: Path, unfinished) -> StreamingBackend:
-    command = [sys.executable, "-m", "stream_shim.queue_runner", "--snakefile", str(tmp_path / "Snakefile")]
-    command += [
-        "--cores",
-        "2",
-        "--queue-input-wait-time",
-        "1",
-        "--nolock",
-        "--keep-going",
-        "--directory",
-        str(tmp_path),
-    ]
+    command = queue_runner_command(tmp_path / "Snakefile", tmp_path)
     return StreamingBackend(
         command,
         env=ENV,

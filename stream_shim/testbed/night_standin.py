@@ -19,6 +19,14 @@ notifications) every ``ingest.poll_interval_s``.  Which index entry is its raw t
 camera driver wrote beforehand to ``night/expect/{group}.txt`` (``<detector>
 <entry path>`` lines; the real ingest matches the raws' headers instead).  A raw that
 does not arrive within ``raw_timeout_s`` fails the job, hence the target.
+
+With ``fetch_raw`` the stand-in *ingest* also reads its raw from the raw bucket
+(``curl`` with SigV4, the ``AWS_*`` credentials of the job's environment, the
+config's ``storage.endpoint_url`` and ``buckets.raw``), riding through S3 errors
+at the poll interval until the same deadline, as the real ingest does; its record
+then counts the failed reads (``s3_errors``).  ``prelude`` and ``extra_inputs``
+add code and named inputs to the Snakefile (the fault suite's crafted poison
+target, `stream_shim.testbed.fault_standin`).
 """
 
 from __future__ import annotations
@@ -120,7 +128,7 @@ COST_MODELS: dict[str, CostModel] = {
 """Named cost models; ``lsstcam-sleep`` is the default."""
 
 
-_HEADER = '''\
+_HEADER = """\
 # Written by stream_shim.testbed.night_standin: the night simulator's stand-in workflow.
 # Same rules, wildcards, inputs, group and priorities as the project's; jobs only take time.
 from workflow.core.identifiers import PATTERNS
@@ -144,15 +152,15 @@ wildcard_constraints:
 onstart:
     disable_job_rate_limiter(workflow)
 
-'''
+"""
 
 # bash: wait without forking `sleep` (read on a pipe nobody writes times out).
 _NAP = 'exec {{nap}}<> <(:); nap() {{ read -t "$1" -u "$nap" _ || true; }}; '
-_START = 'export LC_ALL=C; t0=$EPOCHREALTIME; extra=""; 
+_START = 'export LC_ALL=C; t0=$EPOCHREALTIME; extra=""; '
 _END = (
     "t1=$EPOCHREALTIME; "
-    "printf '{{\"start\": %s, \"end\": %s%s}}\\n' \"$t0\" \"$t1\" \"$extra\" > {output:q}; "
-    "echo \"@STAGE@ $t0 $t1\" >> {params.runs:q}"
+    'printf \'{{"start": %s, "end": %s%s}}\\n\' "$t0" "$t1" "$extra" > {output:q}; '
+    'echo "@STAGE@ $t0 $t1" >> {params.runs:q}'
 )
 
 
@@ -165,7 +173,26 @@ def _spend(seconds: float, kind: str) -> str:
     return f"end=$(( ${{{{EPOCHREALTIME/./}}}} + {micro} )); while (( ${{{{EPOCHREALTIME/./}}}} < end )); do :; done; "
 
 
-def _ingest_wait(poll_s: float, timeout_s: float) -> str:
+def _fetch_raw(poll_s: float, timeout_s: float, polls: int) -> str:
+    """Bash: GET the raw named by ``$entry`` from ``{params.raw_s3}`` until it works (polls shared with the wait)."""
+    key = r'key=${{entry##*/}}; key=${{key%.json}}; key=$(printf %b "${{key//%/\\x}}"); '
+    get = (
+        "curl -sf --connect-timeout 2 --max-time 5 "
+        '--aws-sigv4 "aws:amz:${{AWS_DEFAULT_REGION:-us-east-1}}:s3" '
+        '--user "${{AWS_ACCESS_KEY_ID:-}}:${{AWS_SECRET_ACCESS_KEY:-}}" '
+        '-o /dev/null {params.raw_s3:q}/"$key"'
+    )
+    return (
+        key
+        + "s3_errors=0; "
+        + f"until {get}; do s3_errors=$((s3_errors + 1)); i=$((i + 1)); "
+        + f'if [ "$i" -gt {polls} ]; then echo "raw $key not readable within {timeout_s:g} s" >&2; exit 1; fi; '
+        + f"nap {poll_s:g}; done; "
+        + 'extra="$extra, \\"s3_errors\\": $s3_errors"; '
+    )
+
+
+def _ingest_wait(poll_s: float, timeout_s: float, *, fetch: bool = False) -> str:
     polls = max(1, int(math.ceil(timeout_s / poll_s)))
     look = (
         "entry=$(awk -v d={wildcards.detector} '$1 == d {{print $2; exit}}' "
@@ -179,11 +206,20 @@ def _ingest_wait(poll_s: float, timeout_s: float) -> str:
         + 'until [ -n "$entry" ] && [ -e "$raw" ]; do i=$((i + 1)); '
         + f'if [ "$i" -gt {polls} ]; then echo "no raw within {timeout_s:g} s: $raw" >&2; exit 1; fi; '
         + f'nap {poll_s:g}; if [ -z "$entry" ]; then {look}fi; done; '
-        + "extra=\", \\\"seen\\\": $EPOCHREALTIME\"; "
+        + 'extra=", \\"seen\\": $EPOCHREALTIME"; '
+        + (_fetch_raw(poll_s, timeout_s, polls) if fetch else "")
     )
 
 
-def _rule(stage: str, inputs: Mapping[str, str], body: str, *, output: str, threads: int | None = None) -> str:
+def _rule(
+    stage: str,
+    inputs: Mapping[str, str],
+    body: str,
+    *,
+    output: str,
+    threads: int | None = None,
+    params: Mapping[str, str] | None = None,
+) -> str:
     lines = [f"rule {stage}:", "    input:"]
     lines += [f"        {name}={value}," for name, value in inputs.items()]
     lines += ["    output:", f"        {output},"]
@@ -191,6 +227,7 @@ def _rule(stage: str, inputs: Mapping[str, str], body: str, *, output: str, thre
     if threads is not None:
         lines += [f"    threads: {threads}"]
     lines += ["    params:", '        runs=WORK + "/runs.log",']
+    lines += [f"        {name}={value}," for name, value in (params or {}).items()]
     shell = _START + body + _END.replace("@STAGE@", stage)
     lines += ["    shell:", f"        {shell!r}", "", ""]
     return "\n".join(lines)
@@ -203,6 +240,9 @@ def write_standin_snakefile(
     paths: Mapping[str, str],
     poll_s: float,
     raw_timeout_s: float,
+    fetch_raw: bool = False,
+    prelude: str = "",
+    extra_inputs: Mapping[str, Mapping[str, str]] | None = None,
 ) -> Path:
     """Write the stand-in Snakefile to ``path`` and return it.
 
@@ -218,22 +258,55 @@ def write_standin_snakefile(
         How often ingest looks for its raw (the config's ``ingest.poll_interval_s``).
     raw_timeout_s : `float`
         How long ingest waits for its raw before the target fails.
+    fetch_raw : `bool`, optional
+        Ingest also reads its raw from the raw bucket through S3 (see the module docstring).
+    prelude : `str`, optional
+        Snakefile code placed after the header, before the rules (functions for ``extra_inputs``).
+    extra_inputs : `~collections.abc.Mapping`, optional
+        Per stage, more named inputs (name -> Snakefile expression, e.g. an input function).
     """
+    extra = {stage: dict(values) for stage, values in (extra_inputs or {}).items()}
+    unknown = set(extra) - set(STAGE_NAMES)
+    if unknown:
+        raise ValueError(f"extra_inputs: unknown stage(s) {sorted(unknown)}; expected {STAGE_NAMES}")
     visit = "VISIT_FILE"
     prep, ingest, pipeline = 'WORK + "/prep.json"', 'WORK + "/ingest.json"', 'WORK + "/pipeline.json"'
     export, apdb = 'WORK + "/export.json"', 'WORK + "/apdb.json"'
     spend = {stage: _spend(cost.of(stage), cost.kind) for stage in STAGE_NAMES}
     text = _HEADER.format(visits=paths["visits"], work=paths["work"], results=paths["results"])
-    text += _rule("prep", {"visit": visit}, spend["prep"], output=prep)
-    text += _rule("ingest", {"visit": visit}, _ingest_wait(poll_s, raw_timeout_s) + spend["ingest"], output=ingest)
+    if fetch_raw:
+        text += 'RAW_S3 = config["storage"]["endpoint_url"].rstrip("/") + "/" + config["buckets"]["raw"]\n\n'
+    text += prelude + ("\n\n" if prelude else "")
+    text += _rule("prep", {"visit": visit, **extra.get("prep", {})}, spend["prep"], output=prep)
     text += _rule(
-        "pipeline", {"visit": visit, "prep": prep, "ingest": ingest}, spend["pipeline"], output=pipeline, threads=1
+        "ingest",
+        {"visit": visit, **extra.get("ingest", {})},
+        _ingest_wait(poll_s, raw_timeout_s, fetch=fetch_raw) + spend["ingest"],
+        output=ingest,
+        params={"raw_s3": "RAW_S3"} if fetch_raw else None,
     )
-    text += _rule("export", {"visit": visit, "ingest": ingest, "pipeline": pipeline}, spend["export"], output=export)
-    text += _rule("apdb", {"visit": visit, "prep": prep, "pipeline": pipeline}, spend["apdb"], output=apdb)
+    text += _rule(
+        "pipeline",
+        {"visit": visit, "prep": prep, "ingest": ingest, **extra.get("pipeline", {})},
+        spend["pipeline"],
+        output=pipeline,
+        threads=1,
+    )
+    text += _rule(
+        "export",
+        {"visit": visit, "ingest": ingest, "pipeline": pipeline, **extra.get("export", {})},
+        spend["export"],
+        output=export,
+    )
+    text += _rule(
+        "apdb",
+        {"visit": visit, "prep": prep, "pipeline": pipeline, **extra.get("apdb", {})},
+        spend["apdb"],
+        output=apdb,
+    )
     text += _rule(
         "finish",
-        {"visit": visit, "records": f"[{prep}, {ingest}, {pipeline}, {export}, {apdb}]"},
+        {"visit": visit, "records": f"[{prep}, {ingest}, {pipeline}, {export}, {apdb}]", **extra.get("finish", {})},
         spend["finish"],
         output='RESULT + "/done.json"',
     )

@@ -509,7 +509,8 @@ def render_rulegraph(text: str, path: Path, *, use_dot: bool | None = None) -> P
     if use_dot or (use_dot is None and dot):
         if not dot:
             raise FileNotFoundError("graphviz `dot` is not on PATH (Debian package graphviz)")
-        subprocess.run([dot, "-Tpng", "-o", str(path)], input=text, text=True, check=True, timeout=60)
+        # 150 dpi: one-word rule names make a narrow graph that is hard to read at dot's default 96.
+        subprocess.run([dot, "-Tpng", "-Gdpi=150", "-o", str(path)], input=text, text=True, check=True, timeout=60)
         return path
     return _draw_graph(text, path)
 

@@ -41,9 +41,16 @@ PACKAGE_DIR = Path(CLIENT_SCRIPT).parents[1]
 if str(PACKAGE_DIR.parent) not in sys.path:  # run as a script: make the package importable
     sys.path.insert(1, str(PACKAGE_DIR.parent))
 
-from workflow.runtime.stage_socket import UnsafeSocketError, check_peer, runtime_dir  # noqa: E402 - after the path
+from workflow.runtime.stage_socket import (  # noqa: E402 - after the path
+    UnsafeSocketError,
+    check_peer,
+    private_dir,
+    runtime_dir,
+)
 
 _START_TIMEOUT_S = 60.0
+SOCKET_ENV = "PROMPT_SNAKE_STAGE_SOCKET"
+"""Names the server's socket instead of the derived one (its directory must be private too)."""
 
 ENV_NAMES = frozenset(
     {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "TMP", "TEMP"}
@@ -88,13 +95,17 @@ def stage_environment(environ: Mapping[str, str]) -> dict[str, str]:
 
 
 def socket_path() -> Path:
-    """Return the socket of the server for this Python and this version of the code.
+    """Return the socket of the server for this Python and this version of the code (or `SOCKET_ENV`).
 
     Raises
     ------
     workflow.runtime.stage_socket.UnsafeSocketError
-        If this user's socket directory is not private (`workflow.runtime.stage_socket.runtime_dir`).
+        If the socket's directory is not private (`workflow.runtime.stage_socket.runtime_dir`).
     """
+    if override := os.environ.get(SOCKET_ENV):
+        path = Path(override).absolute()
+        private_dir(path.parent)
+        return path
     newest = max(p.stat().st_mtime_ns for p in PACKAGE_DIR.rglob("*.py"))
     key = f"{sys.executable}|{PACKAGE_DIR}|{newest}".encode()
     return runtime_dir() / f"{hashlib.sha256(key).hexdigest()[:12]}.sock"

@@ -1,12 +1,17 @@
 """The warm stage server: imports the stages once, forks a child per request.
 
 Started on demand by `workflow.runtime.stage_client` (one per checkout and code version),
-it listens on a UNIX socket; for each request it forks a child that takes the
-client's working directory and environment, sends its output to the rule's log
-file and runs the stage (`workflow.stages.finish`); the exit code goes back to the
-client.  The loop is single-threaded (forking a threaded process is unsafe), a
-child whose client disconnects is killed, and the server exits after an idle
-period, so nothing lingers after a run.
+it listens on a UNIX socket in a directory private to its user
+(`workflow.runtime.stage_socket`) and serves only clients of its own uid.  For each
+request it sends an acknowledgement naming the request's ``id`` and then forks a
+child that takes the client's working directory and environment, sends its output
+to the rule's log file and runs the stage (`workflow.stages.finish`).  The child
+itself writes the exit code back to the client, so a stage whose server is killed
+still reports (and the client, having had the acknowledgement, never sends the
+request again); the server also writes it when the child is reaped, for a child
+that died before it could.  The loop is single-threaded (forking a threaded
+process is unsafe), a child whose client disconnects is killed, and the server
+exits after an idle period, so nothing lingers after a run.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from threadpoolctl import threadpool_limits  # imported once in the server, not in every forked stage
+
+from workflow.runtime.stage_socket import UnsafeSocketError, check_peer, private_dir
 
 _log = logging.getLogger(__name__)
 
@@ -117,15 +124,51 @@ def run_request(request: dict) -> int:
     return 0
 
 
-def _child(request: dict, server: socket.socket) -> None:
-    server.close()
+def _send(conn: socket.socket, message: Mapping[str, Any]) -> None:
+    """Write one JSON line to a client; a client that has gone is no error."""
+    try:
+        conn.sendall(json.dumps(message).encode() + b"\n")
+    except OSError:
+        pass
+
+
+def _child(request: dict, conn: socket.socket, inherited: Sequence[Any]) -> None:
+    """Run ``request`` in this forked child, write its exit code to ``conn`` and exit."""
+    for resource in inherited:  # the server's socket and selector, the other requests' connections and pidfds
+        if isinstance(resource, int):
+            os.close(resource)
+        else:
+            resource.close()
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     code = 1
     try:
         code = run_request(request)
     finally:
         logging.shutdown()
+        _send(conn, {"returncode": code})
         os._exit(code)
+
+
+def _read_request(conn: socket.socket) -> dict | None:
+    """Read one request from a just-accepted client of this uid; `None` (connection closed) if there is none.
+
+    A connection that only probes (connects and closes), sends no valid request
+    line within 10 s, or comes from another uid gets no acknowledgement.
+    """
+    try:
+        check_peer(conn, "stage client")
+        conn.settimeout(10.0)
+        with conn.makefile("rb") as stream:
+            line = stream.readline()
+        conn.settimeout(None)
+        request = json.loads(line) if line else None
+    except (UnsafeSocketError, OSError, ValueError) as exc:
+        _log.warning("stage server: request refused: %s", exc)
+        request = None
+    if not isinstance(request, dict) or "id" not in request:
+        conn.close()
+        return None
+    return request
 
 
 def _watch_child(selector: selectors.BaseSelector, pid: int) -> int | None:
@@ -150,10 +193,13 @@ def serve(path: str, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
     for name in STAGES:  # import the whole stack once, before any fork
         stage_function(name)
 
+    private_dir(Path(path).parent)  # refuses a directory that another user could reach
     if os.path.exists(path):
         os.unlink(path)
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
+    os.chmod(path, 0o600)
+    inode = os.stat(path).st_ino
     server.listen(64)
     selector = selectors.DefaultSelector()
     selector.register(server, selectors.EVENT_READ)
@@ -165,10 +211,18 @@ def serve(path: str, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
             for key, _ in selector.select(timeout=0.1 if polling or not children else 1.0):
                 if key.fileobj is server:
                     conn, _ = server.accept()
-                    line = conn.makefile("rb").readline()
+                    request = _read_request(conn)
+                    if request is None:
+                        continue
+                    _send(conn, {"accepted": request["id"]})  # before the fork: from here on, never resent
+                    inherited = [
+                        server,
+                        selector,
+                        *(r for c, fd in children.values() for r in (c, fd) if r is not None),
+                    ]
                     pid = os.fork()
                     if pid == 0:
-                        _child(json.loads(line), server)
+                        _child(request, conn, inherited)
                     children[pid] = (conn, _watch_child(selector, pid))
                     selector.register(conn, selectors.EVENT_READ, ("client", pid))
                 elif key.data[0] == "client":  # the client went away (or sent more): stop its child
@@ -179,11 +233,8 @@ def serve(path: str, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
             for pid, (conn, pidfd) in list(children.items()):
                 done, status = os.waitpid(pid, os.WNOHANG)
                 if done:
-                    code = os.waitstatus_to_exitcode(status)
-                    try:
-                        conn.sendall(json.dumps({"returncode": code}).encode() + b"\n")
-                    except OSError:
-                        pass
+                    # The child wrote its code already, unless it died first (then this is the only one).
+                    _send(conn, {"returncode": os.waitstatus_to_exitcode(status)})
                     selector.unregister(conn)
                     conn.close()
                     if pidfd is not None:
@@ -193,8 +244,11 @@ def serve(path: str, idle_timeout_s: float = IDLE_TIMEOUT_S) -> None:
                     last_active = time.monotonic()
     finally:
         server.close()
-        if os.path.exists(path):
-            os.unlink(path)
+        try:
+            if os.stat(path).st_ino == inode:  # not the socket of a server started since
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
 
 
 if __name__ == "__main__":

@@ -38,7 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from workflow.core.exceptions import InvalidVisit, NonRetriableError, RetriableError
+from workflow.core.identifiers import is_valid
 from workflow.core.log_setup import configure_logging
+from workflow.core.redact import redact_text
 from workflow.core.timing import StageTime, timed
 from workflow.core.visit import DetectorVisit
 from workflow.stages.records import FailedRecord, StageRecord, StageResources, write_record
@@ -112,12 +114,20 @@ class TargetPaths:
 
 
 def existing_visit_files(visits_root: str | Path, instrument: str) -> list[tuple[str, str, int]]:
-    """Return ``(day_obs, group, detector)`` of every visit file of an instrument."""
+    """Return ``(day_obs, group, detector)`` of every visit file of an instrument.
+
+    Files whose day or group is not an allowed identifier (`workflow.core.identifiers`:
+    no rule could build their target) are skipped with a warning.
+    """
     root = Path(visits_root) / instrument
     found = []
     for path in sorted(root.glob("*/*/*.json")):
         if path.stem.isdigit():
-            found.append((path.parent.parent.name, path.parent.name, int(path.stem)))
+            day_obs, group = path.parent.parent.name, path.parent.name
+            if not (is_valid("day_obs", day_obs) and is_valid("group", group) and is_valid("detector", path.stem)):
+                _log.warning("visit file %s skipped: its day, group or detector is not an allowed identifier", path)
+                continue
+            found.append((day_obs, group, int(path.stem)))
     return found
 
 
@@ -177,7 +187,7 @@ def classify_error(error: BaseException) -> dict[str, Any]:
         retriable = False
     else:
         retriable = None  # unexpected: a bug until proven otherwise
-    return {"error": type(error).__name__, "retriable": retriable, "message": str(error)}
+    return {"error": type(error).__name__, "retriable": retriable, "message": redact_text(str(error))}
 
 
 @contextmanager
