@@ -203,6 +203,29 @@ class _PortWatch(threading.Thread):
         return self.refused_at
 
 
+def _outage(server: Any, port: int, stop: threading.Event, down_s: float) -> FaultWindow:
+    """Stop ``server``, keep it down ``down_s`` after its port first refuses, start it; return the window."""
+    watch = _PortWatch(port)
+    watch.start()
+    called = time.time()
+    server.stop()
+    stopped = time.time()
+    down = watch.finish() or stopped
+    _pause(stop, down_s)
+    server.start()
+    ended = time.time()
+    return FaultWindow(
+        down,
+        ended,
+        {
+            "stop_called": round(called, 3),
+            "served_after_stop_s": round(down - called, 3),
+            "stop_s": round(stopped - called, 3),
+            "start_s": round(server.start_seconds or 0.0, 3),
+        },
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class BrokerDown:
     """Stop the broker (and its storage), wait ``down_s``, start it again on the same port.
@@ -221,32 +244,14 @@ class BrokerDown:
         broker = context.stack.broker
         if broker is None:
             raise RuntimeError("the live stack has no broker")
-        watch = _PortWatch(broker.port)
-        watch.start()
-        called = time.time()
-        broker.stop()
-        stopped = time.time()
-        down = watch.finish() or stopped
-        _pause(context.stop, self.down_s)
-        broker.start()
-        ended = time.time()
+        window = _outage(broker, broker.port, context.stop, self.down_s)
         _log.warning(
-            "fault: broker away %.1f s (it served %.1f s after stop() was called, which took %.1f s; start %.1f s)",
-            ended - down,
-            down - called,
-            stopped - called,
-            broker.start_seconds or 0.0,
+            "fault: broker away %.1f s (it served %.1f s after stop() was called; start %.1f s)",
+            window.ended - window.started,
+            window.detail["served_after_stop_s"],
+            window.detail["start_s"],
         )
-        return FaultWindow(
-            down,
-            ended,
-            {
-                "stop_called": round(called, 3),
-                "served_after_stop_s": round(down - called, 3),
-                "stop_s": round(stopped - called, 3),
-                "start_s": round(broker.start_seconds or 0.0, 3),
-            },
-        )
+        return window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -265,26 +270,11 @@ class S3Down:
         server = context.stack.s3
         if server is None:
             raise RuntimeError("the live stack has no S3 server")
-        watch = _PortWatch(server.port)
-        watch.start()
-        called = time.time()
-        server.stop()
-        stopped = time.time()
-        down = watch.finish() or stopped
-        _pause(context.stop, self.down_s)
-        server.start()
-        ended = time.time()
-        _log.warning("fault: S3 away %.1f s (stop() took %.1f s)", ended - down, stopped - called)
-        return FaultWindow(
-            down,
-            ended,
-            {
-                "stop_called": round(called, 3),
-                "served_after_stop_s": round(down - called, 3),
-                "stop_s": round(stopped - called, 3),
-                "start_s": round(server.start_seconds or 0.0, 3),
-            },
+        window = _outage(server, server.port, context.stop, self.down_s)
+        _log.warning(
+            "fault: S3 away %.1f s (stop() took %.1f s)", window.ended - window.started, window.detail["stop_s"]
         )
+        return window
 
 
 def streaming_snakemake_pids(shim_pid: int) -> list[int]:
