@@ -31,6 +31,7 @@ import yaml
 from astropy.time import Time
 from confluent_kafka import Consumer, Producer
 from conftest import FILER_TOPIC
+from raw_uploads import make_visit
 
 from stream_shim.bridge import s3_event
 from stream_shim.process_group import group_members
@@ -38,7 +39,6 @@ from stream_shim.testbed.live_stack import ensure_central_repo
 from workflow.apdb.alerts import deserialize_alert
 from workflow.apdb.store import create_apdb
 from workflow.core.config import PROJECT_ROOT
-from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
 from workflow.repo.central_repo import open_central_repo
 from workflow.stages.export import output_chain
 from workflow.stages.records import read_stage_record
@@ -144,26 +144,8 @@ def _outcomes(workdir: Path) -> list[Path]:
 
 
 def _junk_visit(**changes: Any) -> bytes:
-    now = Time.now().unix_tai
-    fields = dict(
-        salIndex=1,
-        scriptSalIndex=1,
-        instrument=INSTRUMENT,
-        groupId="2026-01-01T00:00:00.000",
-        coordinateSystem=CoordSys.ICRS,
-        position=[150.1, 2.2],
-        startTime=now,
-        rotationSystem=RotSys.SKY,
-        cameraAngle=0.0,
-        filters="r_03",
-        dome=Dome.OPEN,
-        duration=3.0,
-        nimages=1,
-        survey="junk",
-        totalCheckpoints=0,
-        private_sndStamp=now,
-    )
-    return NextVisit(**{**fields, **changes}).to_json().encode()
+    visit = make_visit(INSTRUMENT, "2026-01-01T00:00:00.000", "r_03", snd_stamp=Time.now().unix_tai, duration=3.0)
+    return dataclasses.replace(visit, **changes).to_json().encode()
 
 
 def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:

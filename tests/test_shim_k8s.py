@@ -25,10 +25,10 @@ from astropy.time import Time
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 from fake_k8s import FakeKubernetes
+from raw_uploads import make_visit
 from shared_helpers import copy_workflow
 
 from workflow.core.config import PROJECT_ROOT
-from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
 
 PROFILE = PROJECT_ROOT / "profiles" / "k8s"
 
@@ -108,25 +108,7 @@ class TestShimK8s:
                 while not status_file.exists() or json.loads(status_file.read_text())["state"] != "running":
                     assert shim.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
                     time.sleep(0.5)
-                now = Time.now().unix_tai
-                visit = NextVisit(
-                    salIndex=1,
-                    scriptSalIndex=1,
-                    instrument="LSSTComCamSim",
-                    groupId="2026-11-28T05:00:00.000",
-                    coordinateSystem=CoordSys.ICRS,
-                    position=[150.1, 2.2],
-                    startTime=now,
-                    rotationSystem=RotSys.SKY,
-                    cameraAngle=0.0,
-                    filters="r_03",
-                    dome=Dome.OPEN,
-                    duration=30.0,
-                    nimages=1,
-                    survey="k8s",
-                    totalCheckpoints=0,
-                    private_sndStamp=now,
-                )
+                visit = make_visit("LSSTComCamSim", "2026-11-28T05:00:00.000", "r_03", snd_stamp=Time.now().unix_tai)
                 producer = Producer({"bootstrap.servers": kafka_broker.bootstrap})
                 producer.produce(topics["next_visit"], visit.to_avro(schema_id=1))
                 assert producer.flush(10) == 0

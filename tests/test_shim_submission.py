@@ -3,11 +3,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import urllib.request
 
 import pytest
 from astropy.time import Time
+from raw_uploads import make_visit
 from shared_helpers import wait_until
 
 from stream_shim.backends import Batch, _OutputFilter, job_error_target
@@ -17,7 +19,7 @@ from stream_shim.status import ShimStatus, StatusServer, percentile
 from stream_shim.submission import Submitter, target_key
 from workflow.core.config import load_config
 from workflow.core.instrument import instrument_for_run
-from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
+from workflow.core.visit import CoordSys, NextVisit, RotSys
 from workflow.stages.records import FailedRecord, write_record
 from workflow.stages.target import TargetPaths, write_json
 
@@ -222,26 +224,8 @@ class TestShimStatus:
 
 
 def _visit(**changes) -> NextVisit:
-    now = Time.now().unix_tai
-    fields = dict(
-        salIndex=1,
-        scriptSalIndex=1,
-        instrument="LSSTComCamSim",
-        groupId=GROUP,
-        coordinateSystem=CoordSys.ICRS,
-        position=[150.1, 2.2],
-        startTime=now,
-        rotationSystem=RotSys.SKY,
-        cameraAngle=0.0,
-        filters="r_03",
-        dome=Dome.OPEN,
-        duration=10.0,
-        nimages=1,
-        survey="SURVEY",
-        totalCheckpoints=0,
-        private_sndStamp=now,
-    )
-    return NextVisit(**{**fields, **changes})
+    visit = make_visit("LSSTComCamSim", GROUP, "r_03", snd_stamp=Time.now().unix_tai, duration=10.0)
+    return dataclasses.replace(visit, **changes)
 
 
 class TestNextVisitHandler:

@@ -21,7 +21,6 @@ from workflow.stages.records import (
     failed_from_dict,
     read_done,
     read_failed,
-    read_outcome,
     read_stage_record,
     write_record,
 )
@@ -61,7 +60,7 @@ def test_records_round_trip(tmp_path):
         seconds=30.0,
     )
     path = write_record(tmp_path / "x" / "failed.json", failed)
-    assert read_outcome(path) == failed and read_failed(path).outcome == "failed"
+    assert read_failed(path) == failed and read_failed(path).outcome == "failed"
     assert json.loads(path.read_text())["schema_version"] == RECORD_SCHEMA_VERSION
     assert failed_from_dict(json.loads(path.read_text()), "s3://b/failed.json") == failed
 

@@ -12,12 +12,10 @@ __all__ = ["run", "summarize"]
 
 import logging
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-from workflow.core.log_setup import configure_logging
 from workflow.stages.records import DoneRecord, StageRecord, read_stage_record, write_record
-from workflow.stages.target import TargetPaths
+from workflow.stages.target import TargetPaths, log_to
 
 _log = logging.getLogger(__name__)
 
@@ -53,9 +51,7 @@ def run(
     *, visit: str, records: Sequence[str], done: str, config: Mapping[str, Any], log: str | None = None
 ) -> DoneRecord:
     """Gather the stage records into the target's ``done.json`` (rule ``finish``)."""
-    if log:
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-        configure_logging(config["log_levels"], filename=log)
+    log_to(config, log)
     target = TargetPaths.from_visit_file(visit, config)
     by_stage = {rec.stage: rec for rec in (read_stage_record(path) for path in records)}
     summary = summarize(target, by_stage)

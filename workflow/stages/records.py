@@ -26,7 +26,6 @@ __all__ = [
     "failed_from_dict",
     "read_done",
     "read_failed",
-    "read_outcome",
     "read_stage_record",
     "write_record",
 ]
@@ -242,8 +241,3 @@ def failed_from_dict(data: Any, where: str) -> FailedRecord:
 
 Outcome = DoneRecord | FailedRecord
 """A target's outcome record: ``done.json`` or ``failed.json``."""
-
-
-def read_outcome(path: str | Path) -> Outcome:
-    """Read a ``done.json`` or a ``failed.json`` (by its file name)."""
-    return read_failed(path) if Path(path).name == "failed.json" else read_done(path)

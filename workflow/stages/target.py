@@ -20,7 +20,7 @@ __all__ = [
     "load_visit_file",
     "load_target_visit",
     "write_json",
-    "read_json",
+    "log_to",
     "stage",
     "classify_error",
     "run_stage",
@@ -141,10 +141,11 @@ def write_json(path: str | Path, data: Any) -> Path:
     return path
 
 
-def read_json(path: str | Path) -> Any:
-    """Read a JSON file."""
-    with open(path) as stream:
-        return json.load(stream)
+def log_to(config: Mapping[str, Any], log: str | Path | None) -> None:
+    """Send this stage's log records to ``log`` (its parent made), at the config's ``log_levels``; nothing if `None`."""
+    if log:
+        Path(log).parent.mkdir(parents=True, exist_ok=True)
+        configure_logging(config["log_levels"], filename=str(log))
 
 
 def load_visit_file(path: str | Path, *, expected_instrument: str | None = None) -> DetectorVisit:
@@ -270,9 +271,7 @@ def run_stage(
     -------
     stage_record : `workflow.stages.records.StageRecord`
     """
-    if log:
-        Path(log).parent.mkdir(parents=True, exist_ok=True)
-        configure_logging(config["log_levels"], filename=log)
+    log_to(config, log)
     target = TargetPaths.from_visit_file(visit, config)
     start = resource.getrusage(resource.RUSAGE_SELF)
     with stage(target, name) as timing:
