@@ -3,21 +3,24 @@
     python scripts/bench_faults.py [--scenarios baseline,broker_restart,...] [--visits 5] [--detectors 9]
         [--cadence-s 15] [--lead-s 3] [--exptime-s 2] [--readout-s 1] [--raw-spread-s 1]
         [--cost-model quick-sleep|lsstcam-sleep|zero|JSON] [--shared-stack] [--tail-s 75]
-        [--workdir demo/bench_faults] [--json out.json]
+        [--retry-max-attempts N] [--retry-backoff-s S] [--workdir demo/bench_faults] [--json out.json]
 
 For each scenario (`stream_shim.testbed.faults`: ``baseline``, ``broker_restart``,
-``broker_outage``, ``s3_outage``, ``poison``, ``kill_snakemake``) a fresh live stack
+``broker_outage``, ``s3_outage``, ``postgres_outage``, ``poison``, ``kill_snakemake``) a fresh live stack
 (Tansu broker, SeaweedFS S3 with the filer bridge, ``python -m stream_shim`` with its
 streaming Snakemake) runs the fault stand-in workflow (`stream_shim.testbed.fault_standin`:
-the night simulator's sleeping stages, ingest reading its raw from S3), the night
+the night simulator's sleeping stages, ingest reading its raw from S3, and for
+``postgres_outage`` *apdb* storing a row per detector-visit in a PostgreSQL server), the night
 simulator's camera plays ``--visits`` visits of ``--detectors`` LSSTCam detectors, and
 the fault strikes at its trigger (`stream_shim.testbed.fault_run`).  Every wait is
 bounded: each scenario ends at its timeout (the night, the fault's pause, ``--tail-s``).
 
 Prints one JSON document on stdout (a report per scenario, `stream_shim.testbed.fault_report`:
 targets expected / done / failed / lost, duplicate stage runs, duplicate and missing
-alert markers, recovery times from the end of the fault, the shim's counts, the goals
-and what missed them) and a table on stderr.  The run directory is wiped at start
+alert markers, the stand-in APDB rows (total / distinct / expected), recovery times
+from the end of the fault, the shim's counts, the goals and what missed them, the
+load averages) and a table on stderr.  ``--retry-*`` override the shim's automatic
+retries (``submission.retry``).  The run directory is wiped at start
 (only one this script made: it holds ``.bench_faults``).  Exit status: 0 when every
 scenario met its goals, 1 otherwise, 2 on bad options.
 """
@@ -29,6 +32,7 @@ import json
 import logging
 import os
 import platform
+import resource
 import shutil
 import sys
 import time
@@ -62,6 +66,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--shared-stack", action="store_true", help="one live stack for every scenario (quicker)")
     parser.add_argument("--tail-s", type=float, default=75.0, help="time after the night for the outcomes (default 75)")
+    parser.add_argument(
+        "--retry-max-attempts", type=int, default=None, help="shim submission.retry.max_attempts (default: config)"
+    )
+    parser.add_argument(
+        "--retry-backoff-s", type=float, default=None, help="shim submission.retry.backoff_s (default: config)"
+    )
     parser.add_argument("--workdir", default=str(PROJECT_ROOT / "demo" / "bench_faults"), help="run directory")
     parser.add_argument("--json", default=None, help="also write the report here")
     return parser.parse_args(argv)
@@ -99,7 +109,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     _fresh_workdir(workdir)
     started = time.monotonic()
     repo = empty_central_repo(workdir / "central_repo")
-    settings = SuiteSettings(cadence=cadence, detectors=args.detectors, cost=cost, tail_s=args.tail_s)
+    retry = {
+        key: value
+        for key, value in (("max_attempts", args.retry_max_attempts), ("backoff_s", args.retry_backoff_s))
+        if value is not None
+    }
+    settings = SuiteSettings(
+        cadence=cadence, detectors=args.detectors, cost=cost, tail_s=args.tail_s, retry=retry or None
+    )
+    load_start = os.getloadavg()
     suite = FaultSuite(
         workdir,
         repo=repo,
@@ -108,6 +126,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         progress=lambda line: print(line, file=sys.stderr, flush=True),
     )
     reports = suite.run(scenarios)
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return {
         "flags": vars(args),
         "cost_model": cost.to_dict(),
@@ -120,7 +139,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "platform": platform.platform(),
             "python": platform.python_version(),
             "cpus_usable": len(os.sched_getaffinity(0)),
+            "load_average_start": [round(v, 2) for v in load_start],
             "load_average_end": [round(v, 2) for v in os.getloadavg()],
+        },
+        "resources": {
+            "note": "this driver and the children it waited for (the shims, servers and tools it ran)",
+            "cpu_user_s": round(own.ru_utime + children.ru_utime, 1),
+            "cpu_sys_s": round(own.ru_stime + children.ru_stime, 1),
+            "peak_rss_mb_driver": round(own.ru_maxrss / 1024.0, 1),
+            "peak_rss_mb_largest_child": round(children.ru_maxrss / 1024.0, 1),
         },
     }
 

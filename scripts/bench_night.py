@@ -2,7 +2,8 @@
 
     python scripts/bench_night.py [--visits 10] [--detectors 189] [--cadence-s 32] [--lead-s 20]
         [--exptime-s 30] [--readout-s 2] [--raw-spread-s 3] [--cost-model lsstcam-sleep|quick-sleep|zero|JSON]
-        [--design streaming|subprocess] [--slots N] [--rollover-targets N] [--duration-limit S] [--sample-s 1]
+        [--design streaming|subprocess|pool] [--workers N] [--slots N] [--rollover-targets N]
+        [--duration-limit S] [--sample-s 1]
         [--workdir demo/bench_night] [--json out.json] [--no-progress]
 
 Starts the live stack (`stream_shim.testbed.live_stack.LiveStack`: Tansu broker,
@@ -16,6 +17,12 @@ of the first ``--detectors`` LSSTCam detectors at the cadence
 CPU seconds per visit of the shim, submitter Snakemake and jobs, RSS and backlog over
 time, target counts, saturation, an extrapolation to 189 detectors every 32 s, the
 load average, the machine, and every flag used.  Progress goes to stderr.
+
+``--design pool`` runs the worker pool instead of the single shim
+(`stream_shim.testbed.night_pool.PoolStack`): the fan-out and ``--workers`` workers,
+each with its own long-lived Snakemake of ``--slots / --workers`` cores; the roles
+``shim``, ``submitter`` and ``jobs`` are then summed over the fan-out and the workers,
+and ``per_worker`` gives each worker's own figures.
 
 The run directory is wiped at start (only one this script made: it holds
 ``.bench_night``).  Exit status: 0 when every target ended done, 1 otherwise.
@@ -43,6 +50,7 @@ from tqdm import tqdm
 
 from stream_shim.testbed.live_stack import LiveStack
 from stream_shim.testbed.night import Cadence, NightCamera, VisitRecord
+from stream_shim.testbed.night_pool import PoolStack, merge_roles, merge_ticks
 from stream_shim.testbed.night_report import (
     backlog_series,
     collect_targets,
@@ -77,7 +85,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default="lsstcam-sleep",
         help=f'one of {sorted(COST_MODELS)} or JSON, e.g. \'{{"base": "lsstcam-sleep", "pipeline": 20}}\'',
     )
-    parser.add_argument("--design", default="streaming", choices=("streaming", "subprocess"))
+    parser.add_argument("--design", default="streaming", choices=("streaming", "subprocess", "pool"))
+    parser.add_argument("--workers", type=int, default=4, help="pool: number of workers (default 4)")
     parser.add_argument(
         "--slots", type=int, default=None, help="Snakemake --cores (default: detectors x (visits in flight + 1), >= 8)"
     )
@@ -147,6 +156,13 @@ def _bars(progress: bool, visits: int, targets: int) -> tuple[tqdm[Any], tqdm[An
     return announced, done
 
 
+def _alive(stack: LiveStack) -> bool:
+    """Whether the shim (or every pool worker) still runs."""
+    if isinstance(stack, PoolStack):
+        return all(proc.poll() is None for proc in stack.workers.values())
+    return stack.shim is not None and stack.shim.poll() is None
+
+
 def _wait_ended(stack: LiveStack, expected: int, deadline: float, bar: tqdm[Any]) -> bool:
     """Wait until the shim reports ``expected`` targets ended; bounded by ``deadline`` (monotonic)."""
     while time.monotonic() < deadline:
@@ -156,7 +172,7 @@ def _wait_ended(stack: LiveStack, expected: int, deadline: float, bar: tqdm[Any]
         bar.refresh()
         if ended >= expected:
             return True
-        if stack.shim is not None and stack.shim.poll() is not None:
+        if not _alive(stack):
             return False
         time.sleep(1.0)
     return False
@@ -192,29 +208,24 @@ def _run(args: argparse.Namespace, cost: CostModel) -> dict[str, Any]:
     overrides: dict[str, Any] = {"active_detectors": {"default": False, "overrides": {str(d): True for d in chosen}}}
     if args.rollover_targets is not None:
         overrides["submission"] = {"rollover_targets": args.rollover_targets}
-    stack = LiveStack(
-        workdir,
-        repo=workdir / "central_repo",
-        instrument=INSTRUMENT,
-        scale=1.0,
-        design=args.design,
-        overrides=overrides,
-        shim_args=["--snakefile", str(snakefile), "--max-concurrent-targets", str(args.slots), "--grace-s", "30"],
-        broker_storage=args.broker_storage,
-    )
+    stack = _stack(args, workdir, snakefile, overrides)
     night_s = cadence.last_raw_after_s()
     limit = args.duration_limit if args.duration_limit is not None else night_s + 10 * cost.after_raw_s() + 300.0
     stop = threading.Event()
     load_start = os.getloadavg()
     with stack:
-        assert stack.shim is not None and stack.broker is not None and stack.s3 is not None
+        assert stack.broker is not None and stack.s3 is not None
         print(f"live stack up in {time.monotonic() - started:.0f} s; playing {args.visits} visits", file=sys.stderr)
-        shim_pid, broker, s3 = stack.shim.pid, stack.broker, stack.s3
+        broker, s3 = stack.broker, stack.s3
         os.environ.update({k: v for k, v in stack.env.items() if k.startswith("AWS_")})  # the camera's uploads
+        shim_pid = stack.shim.pid if stack.shim is not None else None
+        if isinstance(stack, PoolStack):
+            stack.wait_assigned()
 
         def discover() -> dict[str, set[int]]:
+            roles = stack.roles() if isinstance(stack, PoolStack) else shim_roles(shim_pid) if shim_pid else {}
             return {
-                **shim_roles(shim_pid),
+                **roles,
                 "broker": broker.process_ids(),
                 "s3": s3.process_ids(),
                 "bench_camera": {os.getpid()},
@@ -242,15 +253,25 @@ def _run(args: argparse.Namespace, cost: CostModel) -> dict[str, Any]:
         announced_bar.close()
         done_bar.close()
         status = stack.status()
+        arrivals, per_worker_status = stack.state_dir / "arrivals", {}
+        if isinstance(stack, PoolStack):  # every worker records every raw: the first one's index will do
+            arrivals = stack.worker_state_dir(stack.worker_ids[0]) / "arrivals"
+            per_worker_status = {w: stack.role_status(stack.worker_state_dir(w)) for w in stack.worker_ids}
         targets = collect_targets(
-            visits,
-            workdir=workdir,
-            instrument=INSTRUMENT,
-            paths=base["paths"],
-            arrivals_root=stack.state_dir / "arrivals",
+            visits, workdir=workdir, instrument=INSTRUMENT, paths=base["paths"], arrivals_root=arrivals
         )
     counts = target_counts(targets, planned=args.visits * len(chosen), shim=status.get("gauges", {}).get("targets", {}))
-    cpu = cpu_summary(sampler.cpu_by_role(), visits=len(visits), targets=max(counts["done"], 1))
+    raw_cpu = sampler.cpu_by_role()
+    if per_worker_status:
+        merge_ticks(sampler.ticks)
+        raw_cpu = merge_roles(raw_cpu)
+    cpu = cpu_summary(
+        {r: v for r, v in raw_cpu.items() if ":" not in r}, visits=len(visits), targets=max(counts["done"], 1)
+    )
+    extra: dict[str, Any] = {}
+    if per_worker_status:
+        extra["per_worker"] = _per_worker(raw_cpu, per_worker_status, sampler.rss_series(), visits=len(visits))
+        extra["pool"] = {"workers": args.workers, "slots_per_worker": math.ceil(args.slots / args.workers)}
     return {
         "flags": vars(args),
         "cost_model": cost.to_dict(),
@@ -285,7 +306,61 @@ def _run(args: argparse.Namespace, cost: CostModel) -> dict[str, Any]:
         "shim_latencies": status.get("latencies", {}),
         "shim_counts": status.get("counts", {}),
         "workdir": str(workdir),
+        **extra,
     }
+
+
+def _stack(args: argparse.Namespace, workdir: Path, snakefile: Path, overrides: dict[str, Any]) -> LiveStack:
+    """The live stack of the design: one shim, or the pool's fan-out and workers."""
+    common = {
+        "repo": workdir / "central_repo",
+        "instrument": INSTRUMENT,
+        "scale": 1.0,
+        "broker_storage": args.broker_storage,
+    }
+    if args.design != "pool":
+        shim_args = ["--snakefile", str(snakefile), "--max-concurrent-targets", str(args.slots), "--grace-s", "30"]
+        return LiveStack(workdir, design=args.design, overrides=overrides, shim_args=shim_args, **common)
+    if args.workers < 1:
+        raise SystemExit("bench_night: --workers must be >= 1")
+    per_worker = math.ceil(args.slots / args.workers)
+    overrides = {**overrides, "kafka": {"worker_group": f"bench-night-workers-{os.getpid()}"}}
+    worker_args = ["--snakefile", str(snakefile), "--max-concurrent-targets", str(per_worker)]
+    return PoolStack(workdir, workers=args.workers, overrides=overrides, worker_args=worker_args, **common)
+
+
+def _per_worker(
+    cpu: dict[str, dict[str, float]],
+    statuses: dict[str, dict[str, Any]],
+    rss: dict[str, Any],
+    *,
+    visits: int,
+) -> dict[str, Any]:
+    """Each worker's CPU (service, its Snakemake, its jobs), RSS and counts."""
+    out: dict[str, Any] = {}
+    for worker_id, status in statuses.items():
+        targets = status.get("gauges", {}).get("targets", {})
+        done = int(targets.get("done", 0) or 0)
+        roles = {
+            "shim": cpu.get(f"worker:{worker_id}", {}),
+            "submitter": cpu.get(f"submitter:{worker_id}", {}),
+            "jobs": cpu.get(f"jobs:{worker_id}", {}),
+        }
+        summary = cpu_summary(roles, visits=visits, targets=max(done, 1))
+        out[worker_id] = {
+            "targets_done": done,
+            "targets_failed": int(targets.get("failed", 0) or 0),
+            "cpu_service": summary["shim"],
+            "cpu_submitter": summary["submitter"],
+            "cpu_jobs": summary["jobs"],
+            "rss_max_mb": {
+                "service": rss.get(f"worker:{worker_id}", {}).get("max_mb"),
+                "submitter": rss.get(f"submitter:{worker_id}", {}).get("max_mb"),
+            },
+            "work_items": status.get("counts", {}).get("work_items", {}),
+            "latencies": status.get("latencies", {}),
+        }
+    return out
 
 
 def _print_summary(report: dict[str, Any]) -> None:

@@ -1,11 +1,18 @@
 """Run the stream shim: Kafka next_visit and raw notifications -> Snakemake targets.
 
-    python -m stream_shim --instrument LSSTComCamSim [--profile profiles/local|profiles/k8s]
+    python -m stream_shim [--role shim|fanout|worker] [--worker-id ID] --instrument LSSTComCamSim
+        [--profile profiles/local|profiles/k8s]
         [--config-file extra.yaml ...] [--workdir DIR] [--state-dir DIR]
-        [--design streaming|subprocess] [--filer-topic TOPIC] [--status-port PORT]
+        [--design streaming|subprocess] [--filer-topic TOPIC] [--status-port PORT] [--status-host HOST]
         [--max-concurrent-targets N] [--grace-s 60] [--term-wait-s 10] [--no-health-check]
         [--snakefile PATH] [--storage-prefix s3://bucket/prefix] [--storage-endpoint-url URL]
         [--snakemake-arg=--flag=value ...]
+
+Roles: ``shim`` (default) is the all-in-one service (`stream_shim.service`); the worker
+pool splits it in a ``fanout`` (`stream_shim.fanout`: next_visit -> one work item per
+detector on the work topic) and any number of ``worker`` s (`stream_shim.worker`: work
+items -> their own long-lived Snakemake), each named by ``--worker-id`` (default: the
+host name, in Kubernetes the pod's) with its own ``--state-dir``.
 
 Logs are JSON lines on stderr (instrument, group, detector as fields).  SIGTERM or
 SIGINT drains: no more next_visits, running targets get ``--grace-s`` seconds,
@@ -20,9 +27,11 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 from stream_shim.health import HealthCheckError
 from stream_shim.service import DESIGNS, ShimAlreadyRunningError, ShimOptions, StreamShim
@@ -33,9 +42,21 @@ from workflow.core.redact import redact_text
 
 _log = logging.getLogger("stream_shim")
 
+ROLES = ("shim", "fanout", "worker")
+"""Values of ``--role``."""
+
 
 def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m stream_shim", description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--role",
+        choices=ROLES,
+        default="shim",
+        help="shim: all in one (default); fanout: next_visit -> work topic; worker: work topic -> Snakemake",
+    )
+    parser.add_argument(
+        "--worker-id", default=None, help="worker: its name (default: the host name; in Kubernetes the pod name)"
+    )
     parser.add_argument("--instrument", required=True, help="instrument served, e.g. LSSTComCamSim")
     parser.add_argument("--profile", default="profiles/local", help="Snakemake profile (default profiles/local)")
     parser.add_argument(
@@ -58,6 +79,9 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--status-port", type=int, default=None, help="serve /status, /metrics, /healthz")
     parser.add_argument(
+        "--status-host", default="127.0.0.1", help="address of the status server (default 127.0.0.1; in a pod 0.0.0.0)"
+    )
+    parser.add_argument(
         "--max-concurrent-targets", type=int, default=None, help="override submission.max_concurrent_targets"
     )
     parser.add_argument("--grace-s", type=float, default=60.0, help="shutdown: time for running targets")
@@ -78,6 +102,27 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="pass this flag on to Snakemake (repeatable; write --snakemake-arg=--x=1)",
     )
     return parser.parse_args(argv)
+
+
+def _service(args: argparse.Namespace, options: ShimOptions, config: dict[str, Any]) -> Any:
+    """The role's service object (each has ``run(stop) -> int``)."""
+    if args.role == "fanout":
+        from stream_shim.fanout import FanOutService
+
+        return FanOutService(
+            config,
+            workdir=options.workdir,
+            state_dir=options.state_dir,
+            status_port=options.status_port,
+            status_host=options.status_host,
+            health_check=options.health_check,
+            filer_topic=options.filer_topic,
+        )
+    if args.role == "worker":
+        from stream_shim.worker import PoolWorker
+
+        return PoolWorker(options, config, worker_id=args.worker_id or socket.gethostname())
+    return StreamShim(options, config)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         design=args.design,
         filer_topic=args.filer_topic,
         status_port=args.status_port,
+        status_host=args.status_host,
         grace_s=args.grace_s,
         term_wait_s=args.term_wait_s,
         health_check=not args.no_health_check,
@@ -119,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
     try:
-        return StreamShim(options, config).run(stop)
+        return _service(args, options, config).run(stop)
     except HealthCheckError as exc:
         _log.error("%s", exc)
         print(f"stream_shim: {redact_text(str(exc))}", file=sys.stderr)

@@ -8,15 +8,26 @@ assignment, stalls behind new messages or sees repeated broker errors; the
 loop's members are static (``group.instance.id``, `consumer_settings`), so a
 consumer that stops before its assignment does not wedge the group.
 
-`NextVisitHandler` turns one next_visit into targets: decode (JSON or Avro,
-`workflow.core.visit.decode_next_visit`), check (`workflow.core.visit.check_usable`), fan out
-to the active detectors, write the per-detector visit files, journal the visit,
-submit its targets.  Anything unusable is logged, counted by reason and skipped.
+`VisitGate` is the door: decode (JSON or Avro, `workflow.core.visit.decode_next_visit`),
+check (`workflow.core.visit.check_usable`), fan out to the active detectors with every
+visit file's path inside the run directory; anything unusable is logged, counted by
+reason and skipped.  What happens to a usable visit is its subclass's `accept`:
+`NextVisitHandler` (the all-in-one shim) writes the per-detector visit files,
+journals the visit and submits its targets; the pool's fan-out
+(`stream_shim.fanout.FanOutHandler`) produces one work item per detector instead.
 """
 
 from __future__ import annotations
 
-__all__ = ["KafkaLog", "instance_id", "consumer_settings", "ConsumeLoop", "NextVisitHandler", "drop_reason"]
+__all__ = [
+    "KafkaLog",
+    "instance_id",
+    "consumer_settings",
+    "ConsumeLoop",
+    "VisitGate",
+    "NextVisitHandler",
+    "drop_reason",
+]
 
 import hashlib
 import logging
@@ -41,7 +52,7 @@ from workflow.core.exceptions import (
     UnknownInstrumentError,
 )
 from workflow.core.log_fields import shorten
-from workflow.core.visit import CoordSys, NextVisit, RotSys, check_usable, decode_next_visit
+from workflow.core.visit import CoordSys, DetectorVisit, NextVisit, RotSys, check_usable, decode_next_visit
 from workflow.stages.target import TargetPaths
 
 _log = logging.getLogger(__name__)
@@ -280,8 +291,12 @@ def drop_reason(visit: NextVisit, error: IgnorableVisit) -> str:
     return "stale"
 
 
-class NextVisitHandler:
-    """Handle next_visit messages of one instrument.
+class VisitGate:
+    """Decode and check next_visit messages of one instrument; hand each usable one to `accept`.
+
+    The checks of the door, shared by the all-in-one shim (`NextVisitHandler`) and
+    the pool's fan-out (`stream_shim.fanout.FanOutHandler`), which differ only in
+    what `accept` does with a visit.
 
     Parameters
     ----------
@@ -289,36 +304,16 @@ class NextVisitHandler:
         Merged configuration (``paths``, ``visit.max_age_s``, ``visit.max_start_age_s``).
     detectors : sequence of `int`
         The instrument's active detectors.
-    submitter : `stream_shim.submission.Submitter`
-        Where targets go.
-    journal : `stream_shim.journal.VisitJournal`
-        Where accepted visits are recorded.
     status : `stream_shim.status.ShimStatus`
         Counts go to category ``next_visit``.
     workdir : `pathlib.Path`
         Run directory (the config's relative paths are relative to it).
-    on_accepted : callable, optional
-        Called with each accepted visit after submission (early-arrival check);
-        what it returns is ignored.
-    store : `stream_shim.target_store.TargetStore`, optional
-        Where visit files are written (default: under ``workdir``).
     """
 
     def __init__(
-        self,
-        config: Mapping[str, Any],
-        *,
-        detectors: Sequence[int],
-        submitter: Submitter,
-        journal: VisitJournal,
-        status: ShimStatus,
-        workdir: Path,
-        on_accepted: Callable[[NextVisit], object] | None = None,
-        store: TargetStore | None = None,
+        self, config: Mapping[str, Any], *, detectors: Sequence[int], status: ShimStatus, workdir: Path
     ) -> None:
-        self.config, self.detectors, self.submitter, self.journal = config, list(detectors), submitter, journal
-        self.status, self.workdir, self.on_accepted = status, Path(workdir), on_accepted
-        self.store: TargetStore = store if store is not None else LocalStore(self.workdir)
+        self.config, self.detectors, self.status, self.workdir = config, list(detectors), status, Path(workdir)
         self.instrument = config["instrument"]["name"]
         self.max_age_s = float(config["visit"]["max_age_s"])
         self.max_start_age_s = float(config["visit"]["max_start_age_s"])
@@ -332,7 +327,7 @@ class NextVisitHandler:
     def handle(
         self, value: bytes | str | None, *, kafka: dict[str, Any] | None = None, now: float | None = None
     ) -> str:
-        """Handle one message value; return what happened (``accepted`` or the drop reason).
+        """Handle one message value; return what happened (`accept`'s outcome or the drop reason).
 
         Drop reasons: ``malformed`` (not JSON/Avro, a field missing or mistyped,
         nested too deeply), ``invalid_group``, ``invalid_instrument``,
@@ -378,14 +373,14 @@ class NextVisitHandler:
         _log.warning("dropped (%s): %s", reason, message, extra={"reason": reason, **(context or {})})
         return reason
 
-    def accept(self, visit: NextVisit, *, kafka: dict[str, Any] | None = None) -> str:
-        """Fan out, write visit files, journal, submit; return ``accepted``, ``duplicate`` or a drop reason.
+    def fan_out(
+        self, visit: NextVisit, *, kafka: dict[str, Any] | None = None
+    ) -> list[tuple[DetectorVisit, TargetPaths]] | str:
+        """Return the visit's detector-visits and their target paths, or the drop reason (logged, counted).
 
-        Every visit file's path is checked to stay inside the run directory
-        before any is written; if one does not, nothing is written and the visit
-        is dropped as ``outside_run_dir`` (or ``invalid_detector``).
+        Every visit file's path is checked to stay inside the run directory; if
+        one does not, the visit is dropped as ``outside_run_dir`` (or ``invalid_detector``).
         """
-        started = time.monotonic()
         context = {"instrument": visit.instrument, "group": visit.groupId}
         where = f"next_visit at {kafka}" if kafka else "next_visit"
         try:
@@ -396,6 +391,64 @@ class NextVisitHandler:
             return self._drop(exc.reason, f"{where}: {exc}", context)
         except PathOutsideRunDirError as exc:
             return self._drop("outside_run_dir", f"{where} group {shorten(visit.groupId)}: {exc}", context)
+        return fanned
+
+    def accept(self, visit: NextVisit, *, kafka: dict[str, Any] | None = None) -> str:
+        """Do the role's work with a usable visit; return the outcome counted (subclasses)."""
+        raise NotImplementedError
+
+
+class NextVisitHandler(VisitGate):
+    """Handle next_visit messages of one instrument: the all-in-one shim's intake.
+
+    Parameters
+    ----------
+    config : `~collections.abc.Mapping`
+        Merged configuration (``paths``, ``visit.max_age_s``, ``visit.max_start_age_s``).
+    detectors : sequence of `int`
+        The instrument's active detectors.
+    submitter : `stream_shim.submission.Submitter`
+        Where targets go.
+    journal : `stream_shim.journal.VisitJournal`
+        Where accepted visits are recorded.
+    status : `stream_shim.status.ShimStatus`
+        Counts go to category ``next_visit``.
+    workdir : `pathlib.Path`
+        Run directory (the config's relative paths are relative to it).
+    on_accepted : callable, optional
+        Called with each accepted visit after submission (early-arrival check);
+        what it returns is ignored.
+    store : `stream_shim.target_store.TargetStore`, optional
+        Where visit files are written (default: under ``workdir``).
+    """
+
+    def __init__(
+        self,
+        config: Mapping[str, Any],
+        *,
+        detectors: Sequence[int],
+        submitter: Submitter,
+        journal: VisitJournal,
+        status: ShimStatus,
+        workdir: Path,
+        on_accepted: Callable[[NextVisit], object] | None = None,
+        store: TargetStore | None = None,
+    ) -> None:
+        super().__init__(config, detectors=detectors, status=status, workdir=workdir)
+        self.submitter, self.journal, self.on_accepted = submitter, journal, on_accepted
+        self.store: TargetStore = store if store is not None else LocalStore(self.workdir)
+
+    def accept(self, visit: NextVisit, *, kafka: dict[str, Any] | None = None) -> str:
+        """Fan out, write visit files, journal, submit; return ``accepted``, ``duplicate`` or a drop reason.
+
+        Every visit file's path is checked to stay inside the run directory
+        before any is written; if one does not, nothing is written and the visit
+        is dropped as ``outside_run_dir`` (or ``invalid_detector``).
+        """
+        started = time.monotonic()
+        fanned = self.fan_out(visit, kafka=kafka)
+        if isinstance(fanned, str):
+            return fanned
         targets = []
         for detector_visit, paths in fanned:
             self.store.write_json(paths.visit_file, detector_visit.to_dict())

@@ -36,7 +36,7 @@ from workflow.core.arrivals import Arrival, ArrivalIndex, normalize_day_obs
 from workflow.core.buckets import Bucket
 from workflow.core.instrument import Instrument
 from workflow.core.raw_keys import RawKeyLayout
-from workflow.core.visit import NextVisit
+from workflow.core.visit import BaseVisit
 
 _log = logging.getLogger(__name__)
 
@@ -215,7 +215,7 @@ class RawArrivals:
             )
         return outcome
 
-    def check_early(self, visit: NextVisit) -> int:
+    def check_early(self, visit: BaseVisit) -> int:
         """List the bucket for the visit's day and record raws not seen yet; return how many.
 
         After the warm-up nothing is listed (0 is returned): see the module docstring.

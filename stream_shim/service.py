@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from stream_shim.backends import Backend, StreamingBackend, SubprocessPoolBackend
-from stream_shim.bridge import FilerBridge
+from stream_shim.bridge import bridge_for_config
 from stream_shim.consumer import ConsumeLoop, NextVisitHandler, consumer_settings
 from stream_shim.health import run_health_checks
 from stream_shim.journal import AcceptedVisit, VisitJournal
@@ -85,6 +85,8 @@ class ShimOptions:
         If set, run the bridge from this SeaweedFS filer topic.
     status_port : `int` or `None`
         Serve status over HTTP on this port (0: any).
+    status_host : `str`
+        Address the status server binds (``0.0.0.0`` in a pod, for its probes).
     grace_s, term_wait_s : `float`
         Shutdown: time for Snakemake to finish, then between SIGTERM and SIGKILL.
     health_check : `bool`
@@ -109,6 +111,7 @@ class ShimOptions:
     design: str = "streaming"
     filer_topic: str | None = None
     status_port: int | None = None
+    status_host: str = "127.0.0.1"
     grace_s: float = 60.0
     term_wait_s: float = 10.0
     health_check: bool = True
@@ -191,9 +194,58 @@ class StreamShim:
             extra=flags,
         )
 
+    # -- hooks of the roles (`stream_shim.worker.PoolWorker` overrides them) ----------------
+
+    intake_outlives_drain = False
+    """Whether the intake consumer keeps running (committing) while the submitter drains."""
+
+    def _before_health_checks(self) -> None:
+        """Start-up work before the health checks (the worker creates the work topic)."""
+
+    def _child_env(self) -> dict[str, str]:
+        """Environment of the Snakemake children: the shim's, plus where the arrival index is."""
+        return {**os.environ, ENV_VAR: str(self.index.root)}
+
+    def _health_topics(self) -> list[str]:
+        """Topics that must exist at start-up (created if missing)."""
+        topics = self.config["kafka_topics"]
+        needed = [topics["next_visit"], topics["raw_notification"], topics["alerts"]]
+        return needed + ([self.options.filer_topic] if self.options.filer_topic else [])
+
+    def _raw_group(self) -> str:
+        """Consumer group of the raw notifications."""
+        return f"{self.config['kafka']['consumer_group']}-raw-arrivals"
+
+    def _intake(
+        self, arrivals: RawArrivals, intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter
+    ) -> threading.Thread:
+        """Return the intake consumer (not started): next_visit -> `NextVisitHandler`."""
+        config = self.config
+        handler = NextVisitHandler(
+            config,
+            detectors=[d.id for d in arrivals.instrument.active_detectors()],
+            submitter=submitter,
+            journal=self.journal,
+            status=self.status,
+            workdir=self.workdir,
+            on_accepted=arrivals.check_early,
+            store=self.store,
+        )
+        return ConsumeLoop(
+            "next_visit",
+            consumer_settings(
+                config["kafka"]["bootstrap"], config["kafka"]["consumer_group"], member=str(self.state_dir)
+            ),
+            config["kafka_topics"]["next_visit"],
+            handler,
+            intake_stop,
+            self.status,
+        )
+
+    # -- pieces, continued ----------------------------------------------------------------
+
     def _backend(self, submitter_unfinished: Any) -> Backend:
-        env = dict(os.environ)
-        env[ENV_VAR] = str(self.index.root)
+        env = self._child_env()
         logs = self.state_dir / "logs"
         if self.design == "subprocess":
             max_cores = None if self.k8s else self.max_targets
@@ -258,7 +310,7 @@ class StreamShim:
         """Streaming design: retries run as Snakemake subprocesses (its long-lived one never reruns a failed job)."""
         if self.design != "streaming":
             return None
-        env = {**os.environ, ENV_VAR: str(self.index.root)}
+        env = self._child_env()
         return SubprocessPoolBackend(
             lambda targets, cores: self._command(list(targets), cores, []),
             max_cores=self.max_targets,
@@ -290,7 +342,7 @@ class StreamShim:
 
     def _loops(
         self, intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter
-    ) -> list[ConsumeLoop]:
+    ) -> list[threading.Thread]:
         config, topics = self.config, self.config["kafka_topics"]
         bootstrap, group = config["kafka"]["bootstrap"], config["kafka"]["consumer_group"]
         instrument = instrument_for_run(config)
@@ -301,36 +353,19 @@ class StreamShim:
             index=self.index,
             status=self.status,
         )
-        handler = NextVisitHandler(
-            config,
-            detectors=[d.id for d in instrument.active_detectors()],
-            submitter=submitter,
-            journal=self.journal,
-            status=self.status,
-            workdir=self.workdir,
-            on_accepted=arrivals.check_early,
-            store=self.store,
-        )
-        loops = [
+        loops: list[threading.Thread] = [
             ConsumeLoop(
                 "raw_notification",
-                consumer_settings(bootstrap, f"{group}-raw-arrivals", member=str(self.state_dir)),
+                consumer_settings(bootstrap, self._raw_group(), member=str(self.state_dir)),
                 topics["raw_notification"],
                 arrivals,
                 stop_all,
                 self.status,
             ),
-            ConsumeLoop(
-                "next_visit",
-                consumer_settings(bootstrap, group, member=str(self.state_dir)),
-                topics["next_visit"],
-                handler,
-                intake_stop,
-                self.status,
-            ),
+            self._intake(arrivals, intake_stop, stop_all, submitter),
         ]
         if self.options.filer_topic:
-            bridge = FilerBridge(bootstrap, topics["raw_notification"], [config["buckets"]["raw"]], self.status)
+            bridge = bridge_for_config(config, self.status, stop=stop_all)
             loops.append(
                 ConsumeLoop(
                     "bridge",
@@ -358,21 +393,16 @@ class StreamShim:
         started = time.monotonic()
         self._take_lock()
         self.registry.kill_leftovers()  # first: a crashed predecessor's jobs must not run beside ours
-        topics = self.config["kafka_topics"]
+        self._before_health_checks()
         if self.options.health_check:
-            needed = [topics["next_visit"], topics["raw_notification"], topics["alerts"]]
-            run_health_checks(
-                self.config,
-                workdir=self.workdir,
-                topics=needed + ([self.options.filer_topic] if self.options.filer_topic else []),
-            )
+            run_health_checks(self.config, workdir=self.workdir, topics=self._health_topics())
         self.index.prune(_ARRIVALS_KEEP_S)
         writer_stop = threading.Event()
         writer = StatusWriter(self.status, self.state_dir / "status.json", writer_stop)
         writer.start()
         server = None
         if self.options.status_port is not None:
-            server = StatusServer(self.status, self.options.status_port)
+            server = StatusServer(self.status, self.options.status_port, self.options.status_host)
             server.start()
         submitter = self.submitter = Submitter(
             None,
@@ -404,7 +434,7 @@ class StreamShim:
         while not stop.wait(0.5):
             dead = [loop for loop in loops if not loop.is_alive()]
             if dead:
-                _log.error("consumer %s stopped (%s): shutting down", dead[0].name, dead[0].failed)
+                _log.error("consumer %s stopped (%s): shutting down", dead[0].name, getattr(dead[0], "failed", None))
                 code = 1
                 break
         self._shutdown(loops, intake_stop, stop_all, submitter)
@@ -415,7 +445,11 @@ class StreamShim:
         return code
 
     def _shutdown(
-        self, loops: list[ConsumeLoop], intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter
+        self,
+        loops: list[threading.Thread],
+        intake_stop: threading.Event,
+        stop_all: threading.Event,
+        submitter: Submitter,
     ) -> None:
         self.status.state = "draining"
         _log.info(
@@ -425,7 +459,7 @@ class StreamShim:
         )
         intake_stop.set()
         for loop in loops:
-            if loop.name == "next_visit":
+            if loop.name == "next_visit" and not self.intake_outlives_drain:
                 loop.join(timeout=10.0)
         submitter.drain(self.options.grace_s, self.options.term_wait_s)
         stop_all.set()

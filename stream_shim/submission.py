@@ -120,6 +120,8 @@ class Submitter:
         self._flight: dict[str, _InFlight] = {}
         self._by_key: dict[tuple[str, str, str, int], str] = {}
         self._totals = {"submitted": 0, "done": 0, "failed": 0, "retried": 0}
+        self._gave_up: set[str] = set()  # failed for good with no failed.json (NoOutcome after the last attempt)
+        self._cut_short: set[str] = set()  # failed, a retry due, but stopping: not ended for good
         self._draining = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._monitor, name="outcomes", daemon=True)
@@ -184,6 +186,7 @@ class Submitter:
                         target, batch_id, now, ends_pending=int(_reports_ends(self.backend))
                     )
                     self._by_key[target_key(target)] = target
+                    self._gave_up.discard(target)
             self._totals["submitted"] += len(fresh)
         for reason, items in (
             ("submitted", fresh),
@@ -210,6 +213,27 @@ class Submitter:
             if not first_attempts_only or self.retry_backend is None:
                 return sorted(self._flight)
             return sorted(t for t, item in self._flight.items() if item.attempt == 1 and item.retry_at is None)
+
+    def ended(self, target: str) -> bool:
+        """Return whether ``target`` ended for good: not in flight, and done or failed.
+
+        Failed means a ``failed.json``, or no outcome file after the last attempt.
+        A failure that stands only because the submitter stopped before its
+        retry is not an end: the pool's worker does not commit it, so the
+        next worker of its partition tries again.
+
+        Parameters
+        ----------
+        target : `str`
+            The target (``results/.../done.json``), as submitted.
+        """
+        with self._lock:
+            if target in self._flight or target in self._cut_short:
+                return False
+            if target in self._gave_up:
+                return True
+        done = Path(target)
+        return self.store.exists(done) or self.store.exists(done.with_name("failed.json"))
 
     def gauges(self) -> dict[str, int]:
         """Return targets by state, for the status report."""
@@ -259,6 +283,8 @@ class Submitter:
         for item in flight:
             if item.retry_at is not None:  # backing off: its last failure stands if the shim stops
                 if stopping and item.failure is not None:
+                    with self._lock:
+                        self._cut_short.add(item.target)
                     self._finish(item, "failed", item.failure)
                 elif now >= item.retry_at:
                     due.append(item)
@@ -267,10 +293,16 @@ class Submitter:
             if outcome is None:
                 continue
             state, detail = outcome
-            if detail is not None and not stopping and self.retry.should_retry(detail, item.attempt):
-                self._back_off(item, detail)
-            else:
-                self._finish(item, state, detail)
+            if detail is not None and self.retry.should_retry(detail, item.attempt):
+                if not stopping:
+                    self._back_off(item, detail)
+                    continue
+                with self._lock:
+                    self._cut_short.add(item.target)
+            elif detail is not None and detail.error == NO_OUTCOME:
+                with self._lock:
+                    self._gave_up.add(item.target)
+            self._finish(item, state, detail)
         if due:
             self._resubmit(due)
 

@@ -34,6 +34,8 @@ from workflow.apdb.alerts import (
     deserialize_alert,
     make_alert_sink,
     serialize_alert,
+    serialize_alert_fastavro,
+    write_alert_file,
 )
 from workflow.apdb.association import padded_region
 from workflow.apdb.load import associate_store_alert
@@ -90,6 +92,24 @@ def _cutouts(seed: int) -> dict[str, CutoutMaker]:
     return {k: CutoutMaker(rng.normal(0, 1, SHAPE).astype(np.float32), _wcs()) for k in keys}
 
 
+def _batch(visit: int, n: int, stamp: int = 60) -> list[dict[str, object]]:
+    """``n`` alerts of one detector-visit: a DiaObject each, two earlier sources each, three stamps."""
+    rng = np.random.default_rng(visit)
+    src = _sources(visit, 60100.0 + visit, rng, n=n)
+    src["diaObjectId"] = src["diaSourceId"]
+    history = pd.concat([_sources(visit - k, 60100.0 + visit - k, rng, n=n) for k in (1, 2)], ignore_index=True)
+    history["diaObjectId"] = np.tile(src["diaObjectId"].to_numpy(), 2)
+    objects = pd.DataFrame({"diaObjectId": src["diaObjectId"], "ra": src["ra"], "dec": src["dec"], "nDiaSources": 3})
+    for band in "ugrizy":
+        objects[f"{band}_psfFluxNdata"] = 3 if band == "g" else 0
+    objects["g_psfFluxMean"] = rng.normal(800.0, 10.0, n).astype(np.float32)  # a float field: exact
+    images = np.random.default_rng(visit + 1).normal(0, 1, (3, *SHAPE)).astype(np.float32)
+    makers = {
+        k: CutoutMaker(images[i], _wcs(), size=stamp) for i, k in enumerate(("difference", "science", "template"))
+    }
+    return build_alerts(src, objects, history, cutouts=makers, visit_mjd_tai=60100.0 + visit)
+
+
 def _tai(mjd: float) -> astropy.time.Time:
     return astropy.time.Time(mjd, format="mjd", scale="tai")
 
@@ -124,7 +144,7 @@ def _topic(broker: KafkaBroker) -> str:
     return topic
 
 
-def _consume(broker: KafkaBroker, topic: str, count: int) -> list[bytes]:
+def _consume(broker: KafkaBroker, topic: str, count: int, wait: float = WAIT) -> list[bytes]:
     consumer = Consumer(
         {
             "bootstrap.servers": broker.bootstrap,
@@ -137,7 +157,7 @@ def _consume(broker: KafkaBroker, topic: str, count: int) -> list[bytes]:
     )
     consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     got: list[bytes] = []
-    deadline = time.monotonic() + WAIT
+    deadline = time.monotonic() + wait
     try:
         while len(got) < count and time.monotonic() < deadline:
             got.extend(_poll(consumer, 0.2))
@@ -169,6 +189,23 @@ class TestSchema:
         src["diaObjectId"] = src["diaSourceId"]
         with pytest.raises(AlertBuildError, match="'bboxSize'"):
             build_alerts(src, pd.DataFrame({"diaObjectId": []}))
+
+    def test_compiled_encoder_writes_fastavro_bytes(self) -> None:
+        alerts = _batch(3, 20)
+        assert all(len(a["prvDiaSources"]) == 2 for a in alerts) and alerts[0]["diaObject"]["g_psfFluxMean"]
+        odd = dict(alerts[1], observation_reason="test", diaSourceId=np.int64(alerts[1]["diaSourceId"]))
+        odd["diaSource"] = dict(odd["diaSource"], psfFlux=np.float32(5.5), snr=1, isDipole=True)
+        huge = dict(alerts[2], diaSource=dict(alerts[2]["diaSource"], x=1e39))  # past float32: fastavro decides
+        sparse = {"diaSourceId": 7, "diaSource": alerts[3]["diaSource"]}  # optional fields left out
+        for alert in [*alerts, odd, huge, sparse]:
+            assert serialize_alert(alert) == serialize_alert_fastavro(alert)
+        assert deserialize_alert(serialize_alert(odd))["diaSource"]["isDipole"] is True
+        for bad in ({"ra": None}, {"isDipole": np.bool_(True)}):  # a required field; a union no branch takes
+            alert = dict(alerts[4], diaSource=dict(alerts[4]["diaSource"], **bad))
+            with pytest.raises((TypeError, ValueError)) as compiled:
+                serialize_alert(alert)
+            with pytest.raises(type(compiled.value)):
+                serialize_alert_fastavro(alert)
 
     def test_framing_checked(self) -> None:
         src = _sources(1, 60100.0, np.random.default_rng(0))
@@ -222,6 +259,24 @@ class TestKafka:
         assert not rerun.store.stored and rerun.alerts is None
         _consume(kafka_broker, topic, 6)
 
+    def test_many_alerts_with_cutouts_arrive_once(self, kafka_broker: KafkaBroker) -> None:
+        topic = _topic(kafka_broker)
+        sent: dict[int, dict[str, object]] = {}
+        for visit in (61, 62, 63):  # one producer per detector-visit, as the APDB stage
+            alerts = _batch(visit, 150)
+            sink = KafkaAlertSink(kafka_broker.bootstrap, topic, timeout_s=WAIT)
+            sink.check()
+            assert sink.send(alerts, visit=visit, detector=DETECTOR).n_alerts == 150
+            sent |= {a["diaSourceId"]: a for a in alerts}
+        payloads = _consume(kafka_broker, topic, 450, wait=60.0)
+        received = [deserialize_alert(p) for p in payloads]
+        ids = [a["diaSourceId"] for a in received]
+        assert len(set(ids)) == 450 and set(ids) == set(sent)
+        for alert in received[::50]:
+            assert alert == {k: sent[alert["diaSourceId"]].get(k) for k in alert}
+            with fits.open(io.BytesIO(alert["cutoutScience"])) as hdus:
+                assert hdus[0].data.shape == (60, 60)
+
     def test_broker_down_stores_nothing(self, apdb: Apdb) -> None:
         sink = KafkaAlertSink(f"127.0.0.1:{free_port()}", "alerts", timeout_s=2.0)
         start = time.monotonic()
@@ -255,6 +310,16 @@ class TestAvroFile:
         assert records[0]["diaSource"]["band"] == "g" and records[0]["diaSource"]["reliability"] == pytest.approx(0.9)
         assert fits.open(io.BytesIO(records[0]["cutoutScience"]))[0].data.shape == (30, 30)
         assert not list(path.parent.glob("*.tmp"))
+
+    def test_container_reads_as_fastavro_writes(self) -> None:
+        alerts = _batch(5, 150, stamp=30)  # several blocks
+        alerts[70] = dict(alerts[70], diaSource=dict(alerts[70]["diaSource"], x=1e39))  # a record fastavro writes
+        ours, theirs = io.BytesIO(), io.BytesIO()
+        write_alert_file(ours, alerts)
+        fastavro.writer(theirs, alert_schema(), alerts)
+        ours.seek(0), theirs.seek(0)
+        assert list(fastavro.reader(ours)) == list(fastavro.reader(theirs))
+        assert len(ours.getvalue()) < len(theirs.getvalue()) + 1000  # same records, not more
 
 
 class TestOutbox:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -34,6 +36,7 @@ from workflow.apdb.store import (
     store_detector_visit,
 )
 from workflow.core.exceptions import ConfigError, NonRetriableError, RetriableError
+from workflow.stages.target import classify_error
 
 RA, DEC, DETECTOR, RADIUS = 150.0, 2.0, 4, 1.0
 REGION = padded_region([RA - 0.05, RA + 0.05, RA + 0.05, RA - 0.05], [DEC - 0.05] * 2 + [DEC + 0.05] * 2, 50.0)
@@ -230,3 +233,46 @@ class TestOpen:
         with pytest.raises(ApdbUnavailableError, match=r"Cassandra hosts \['127\.0\.0\.1'\] .*unreachable"):
             open_apdb({"config_file": "cassandra.yaml"}, base_dir=tmp_path, connect_timeout=2)
         assert time.monotonic() - start < 15
+
+
+class _CutConnection:
+    """An APDB whose server cut the connection in a way psycopg2 reports as an ``InterfaceError``."""
+
+    def getConfig(self) -> ApdbSqlConfig:
+        return ApdbSqlConfig(db_url="postgresql+psycopg2://someone@db.example:5432/apdb")
+
+    def getDiaObjects(self, region: Any) -> pd.DataFrame:
+        raise sqlalchemy.exc.InterfaceError("SELECT 1", {}, Exception("connection already closed"))
+
+
+class TestOutage:
+    """A PostgreSQL APDB that goes away in the middle of a session, and comes back."""
+
+    def test_outage_mid_session_is_retriable_and_heals(self, tmp_path: Path) -> None:
+        base = Path(tempfile.mkdtemp(prefix="pg-apdb-"))
+        base.chmod(0o755)  # the server's OS user keeps its cluster there across the restart
+        try:
+            with PostgresServer(base) as server:
+                config = tmp_path / "apdb.yaml"
+                create_apdb(server.url, namespace=f"t{uuid.uuid4().hex[:12]}", config_path=config)
+                apdb = open_apdb({"config_file": str(config)})  # its pool holds a live connection
+                assert not apdb.containsVisitDetector(401, DETECTOR)
+                server.stop()
+                for attempt in (
+                    lambda: _run_visit(apdb, 401, 60020.0, np.random.default_rng(4), tmp_path),
+                    lambda: open_apdb({"config_file": str(config)}, connect_timeout=2),
+                ):
+                    with pytest.raises(ApdbUnavailableError, match=f"127.0.0.1:{server.port}") as info:
+                        attempt()
+                    assert classify_error(info.value)["retriable"] is True  # the stage's failed.json
+                server.start()
+                healed = _run_visit(apdb, 401, 60020.0, np.random.default_rng(4), tmp_path)  # same object
+                assert healed.store.stored and _count(apdb, "DiaSource", '"visit" = 401') == 12
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+
+    def test_a_cut_connection_is_retriable(self) -> None:
+        cut: Any = _CutConnection()
+        with pytest.raises(ApdbUnavailableError, match="db.example:5432/apdb: connection lost") as info:
+            preload(cut, REGION, tai(60000.0))
+        assert isinstance(info.value, RetriableError)

@@ -7,12 +7,18 @@ baseline and a broker restart (``KafkaBroker.stop()``; 1 s; ``start()``) between
 raws and visit 2's next_visit.  The tests check correctness with generous bounds (every
 target done once, one alert marker each, the next_visit sent during the restart
 consumed within 30 s), never speed.  The accounting itself is tested on a made-up
-run directory.
+run directory, the stand-in APDB stage (`stream_shim.testbed.fault_standin.main`) on
+a real PostgreSQL server, and the PostgreSQL outage (`PostgresDown`) on a private one.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
+import threading
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +26,16 @@ import pytest
 
 from stream_shim.testbed.fault_report import Observed, account, format_table
 from stream_shim.testbed.fault_run import FaultSuite, SuiteSettings, empty_central_repo
-from stream_shim.testbed.fault_standin import Unbuildable, write_fault_snakefile
-from stream_shim.testbed.faults import SCENARIOS, FaultWindow, Scenario, scenarios_named
+from stream_shim.testbed.fault_standin import ApdbRows, Unbuildable, main, write_fault_snakefile
+from stream_shim.testbed.faults import (
+    SCENARIOS,
+    FaultContext,
+    FaultWindow,
+    PostgresDown,
+    Scenario,
+    scenarios_named,
+)
+from stream_shim.testbed.local_services import HOST, PostgresServer, free_port
 from stream_shim.testbed.night import Cadence, RawRecord, VisitRecord
 from stream_shim.testbed.night_standin import COST_MODELS
 from workflow.core.config import load_config
@@ -170,11 +184,15 @@ class TestScenarios:
             "broker_restart",
             "broker_outage",
             "s3_outage",
+            "postgres_outage",
             "poison",
             "kill_snakemake",
         )
         chosen = scenarios_named(["kill_snakemake", "baseline"], CADENCE)
         assert [s.name for s in chosen] == ["baseline", "kill_snakemake"]
+        (postgres,) = scenarios_named(["postgres_outage"], CADENCE)
+        assert postgres.apdb_rows and isinstance(postgres.fault, PostgresDown) and postgres.fault.down_s == 20.0
+        assert (postgres.trigger.event, postgres.trigger.visit) == ("raws_landed", 1)
         with pytest.raises(ValueError, match="unknown scenario"):
             scenarios_named(["baseline", "meteor"], CADENCE)
         with pytest.raises(ValueError, match="the broker faults need 7 s more"):
@@ -194,3 +212,137 @@ class TestScenarios:
         assert "def unbuildable_input(wildcards):" in text and "poison=unbuildable_input" in text
         assert text.count("unbuildable_input") == 2  # defined once, an input of prep once
         assert "groups[2] == wildcards.group" in text and "int(wildcards.detector) != 94" in text
+
+    def test_snakefile_apdb_stores_its_row_first(self, tmp_path: Path) -> None:
+        rows = ApdbRows(HOST, 5999, "db", "someone", "rows_t")
+        text = write_fault_snakefile(
+            tmp_path / "Snakefile",
+            COST_MODELS["quick-sleep"],
+            paths=load_config()["paths"],
+            poll_s=0.5,
+            raw_timeout_s=30.0,
+            apdb=rows,
+        ).read_text()
+        apdb_rule = text[text.index("rule apdb:") : text.index("rule finish:")]
+        assert "-m stream_shim.testbed.fault_standin --host=127.0.0.1 --port=5999 --database=db" in apdb_rule
+        assert "--table=rows_t" in apdb_rule and "--detector={wildcards.detector}" in apdb_rule
+        assert apdb_rule.index("fault_standin") < apdb_rule.index("sleep 0.3")  # the row, then the time
+        assert text.count("fault_standin") == 1  # no other rule touches the database
+
+
+def _rows_observed(rows: list[tuple[str, int]] | None, *, scenario: Scenario) -> Observed:
+    return Observed(
+        scenario=scenario,
+        visits=[_visit(0, "g0", [1, 2], 1000.0)],
+        planned_visits=1,
+        detectors=[1, 2],
+        window=None,
+        fault_error=None,
+        unbuildable=None,
+        counts_before={},
+        counts_after={},
+        all_ended=True,
+        wall_s=1.0,
+        upload_retries=0,
+        shim_alive=True,
+        apdb_rows=rows,
+    )
+
+
+class TestApdbRows:
+    """The stand-in APDB rows: their accounting, the stage on a real server, and the outage."""
+
+    def test_accounting_counts_duplicate_missing_and_stray_rows(self, tmp_path: Path) -> None:
+        all_stages = ["prep", "ingest", "pipeline", "export", "apdb", "finish"]
+        _target(tmp_path, "g0", 1, all_stages, "done.json", 1020.0)
+        _target(tmp_path, "g0", 2, all_stages, "done.json", 1021.0)
+        paths, scenario = load_config()["paths"], Scenario("p", "test", apdb_rows=True)
+        clean = account(
+            _rows_observed([("g0", 1), ("g0", 2)], scenario=scenario),
+            workdir=tmp_path,
+            instrument="LSSTCam",
+            paths=paths,
+        )
+        assert clean["apdb_rows"] == {
+            "expected": 2,
+            "total": 2,
+            "distinct": 2,
+            "duplicate": 0,
+            "missing": 0,
+            "not_done": 0,
+            "error": None,
+        }
+        assert clean["goals"]["violations"] == []
+        assert "2/2/2" in format_table([clean]).splitlines()[2]
+        bad = account(
+            _rows_observed([("g0", 1), ("g0", 1), ("g9", 5)], scenario=scenario),
+            workdir=tmp_path,
+            instrument="LSSTCam",
+            paths=paths,
+        )
+        assert {k: bad["apdb_rows"][k] for k in ("total", "distinct", "duplicate", "missing", "not_done")} == {
+            "total": 3,
+            "distinct": 2,
+            "duplicate": 1,
+            "missing": 1,
+            "not_done": 1,
+        }
+        violations = " | ".join(bad["goals"]["violations"])
+        for words in ("1 done target(s) without an APDB row", "1 duplicate APDB row", "1 APDB row(s) of targets"):
+            assert words in violations
+        unstored = account(_rows_observed(None, scenario=scenario), workdir=tmp_path, instrument="LSSTCam", paths=paths)
+        assert unstored["apdb_rows"] is None and "rows were not stored" in " | ".join(unstored["goals"]["violations"])
+
+    def test_stage_is_retriable_while_the_server_is_away_and_stores_once(
+        self, postgres_server: PostgresServer, tmp_path: Path
+    ) -> None:
+        table = f"rows_{uuid.uuid4().hex[:8]}"
+        up = ApdbRows(HOST, postgres_server.port, postgres_server.database, postgres_server.user, table)
+        down = ApdbRows(HOST, free_port(), postgres_server.database, postgres_server.user, table, connect_timeout_s=2)
+        up.create()
+        target = ["--instrument=LSSTCam", "--day-obs=2026-12-02", "--group=g1", "--detector=7"]
+        failed = tmp_path / "results" / "failed.json"
+        assert main([*down.args(), *target, f"--failed={failed}"]) == 1
+        record = json.loads(failed.read_text())
+        assert record["retriable"] is True and record["error"] == "StandinApdbUnavailable"
+        assert record["stage"] == "apdb" and (record["group"], record["detector"]) == ("g1", 7)
+        assert f"127.0.0.1:{down.port}" in record["message"]
+        for _ in range(2):  # the retry, then a rerun: one row
+            assert main([*up.args(), *target, f"--failed={tmp_path / 'again.json'}"]) == 0
+        assert up.rows(["g1"]) == [("g1", 7)] and not (tmp_path / "again.json").exists()
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of its own (it is stopped), in a directory its OS user can reach (a stop keeps it)."""
+    base = Path(tempfile.mkdtemp(prefix="pg-fault-"))
+    base.chmod(0o755)
+    try:
+        with PostgresServer(base) as server:
+            yield server
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_postgres_down_stops_and_restarts_the_same_cluster(private_postgres: PostgresServer, tmp_path: Path) -> None:
+    rows = ApdbRows(HOST, private_postgres.port, private_postgres.database, private_postgres.user, "rows_outage")
+    rows.create()
+    stored = main(
+        [
+            *rows.args(),
+            "--instrument=LSSTCam",
+            "--day-obs=2026-12-02",
+            "--group=g1",
+            "--detector=1",
+            f"--failed={tmp_path / 'failed.json'}",
+        ]
+    )
+    assert stored == 0
+    no_stack: Any = None  # a PostgreSQL fault does not touch the live stack
+    context = FaultContext(stack=no_stack, stop=threading.Event(), publish=lambda _v: None, postgres=private_postgres)
+    window = PostgresDown(1.0).inject(context)
+    assert window is not None and window.ended - window.started >= 1.0
+    assert window.detail["start_s"] > 0
+    assert rows.rows(["g1"]) == [("g1", 1)]  # the table and its row survived the outage
+    with pytest.raises(RuntimeError, match="no PostgreSQL server"):
+        PostgresDown(1.0).inject(FaultContext(stack=no_stack, stop=threading.Event(), publish=lambda _v: None))

@@ -435,26 +435,47 @@ class TestK8sProfileFile:
         assert profile["executor"] == "kubernetes"
         assert profile["group-components"] == ["detector_visit=1"]
         assert profile["default-storage-provider"] == "s3"
+        # workflow.runtime.k8s_executor leaves this to the profile (the stock plugin forces it).
+        assert profile["shared-fs-usage"] == "none"
+
+    def test_shared_volume_variant_differs_only_in_storage(self) -> None:
+        """profiles/k8s-pvc: the same Jobs and requests, files on a volume instead of S3."""
+        pvc = yaml.safe_load((PROJECT_ROOT / "profiles" / "k8s-pvc" / "config.yaml").read_text())
+        storage = {"default-storage-provider", "default-storage-prefix", "storage-s3-endpoint-url"}
+        shared = {"shared-fs-usage", "kubernetes-persistent-volumes"}
+        s3 = _profile()
+        assert {k: v for k, v in s3.items() if k not in storage | shared} == {
+            k: v for k, v in pvc.items() if k not in shared
+        }
+        assert "input-output" in pvc["shared-fs-usage"] and "software-deployment" not in pvc["shared-fs-usage"]
+        assert not storage & set(pvc)
 
 
 class TestK8sExecutor:
     """Tests for `workflow.runtime.k8s_executor`."""
 
-    def test_install_turns_off_pod_pip_install_once(self) -> None:
+    def test_install_swaps_in_our_executor_once(self) -> None:
         code = (
             "from workflow.runtime.k8s_executor import install\n"
             "from snakemake_interface_executor_plugins.registry import ExecutorPluginRegistry as R\n"
-            "before = R().get_plugin('kubernetes').common_settings\n"
+            "before = R().get_plugin('kubernetes')\n"
             "print(install(), install())\n"
-            "after = R().get_plugin('kubernetes').common_settings\n"
-            "print(before.auto_deploy_default_storage_provider, after.auto_deploy_default_storage_provider)\n"
-            "print(before.implies_no_shared_fs == after.implies_no_shared_fs, after.job_deploy_sources)\n"
+            "after = R().get_plugin('kubernetes')\n"
+            "b, a = before.common_settings, after.common_settings\n"
+            "print(b.auto_deploy_default_storage_provider, a.auto_deploy_default_storage_provider)\n"
+            "print(b.implies_no_shared_fs, a.implies_no_shared_fs, a.job_deploy_sources)\n"
+            "print(before.executor.__module__, after.executor.__module__)\n"
         )
         result = subprocess.run(
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT
         )
         assert result.returncode == 0, result.stderr
-        assert result.stdout.split("\n")[:3] == ["True False", "True False", "True True"]
+        assert result.stdout.split("\n")[:4] == [
+            "True False",
+            "True False",
+            "True False True",
+            "snakemake_executor_plugin_kubernetes workflow.runtime.k8s_batched",
+        ]
 
 
 # -- Snakemake with the profile ------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 One run of the CLI (real Tansu broker, SeaweedFS S3 with the filer bridge, the shim, the
 long-lived Snakemake, the stand-in workflow): 3 visits x 9 detectors at a 4 s cadence.
+A second run plays 2 visits through the worker pool (``--design pool --workers 2``).
 The tests check correctness (every target done exactly once, the report's fields and
 their consistency), never speed.
 """
@@ -131,3 +132,42 @@ class TestCostModel:
     def test_bad_models_are_refused(self, text: str) -> None:
         with pytest.raises(ValueError):
             CostModel.parse(text)
+
+
+@pytest.fixture(scope="module")
+def pool_night(tmp_path_factory: pytest.TempPathFactory) -> NightRun:
+    base = tmp_path_factory.mktemp("pool-night")
+    workdir, out = base / "run", base / "report.json"
+    command = [
+        sys.executable,
+        str(PROJECT_ROOT / "scripts" / "bench_night.py"),
+        *("--visits", "2", "--detectors", str(DETECTORS), "--design", "pool", "--workers", "2"),
+        *("--cadence-s", "4", "--lead-s", "2", "--exptime-s", "2", "--readout-s", "0.5", "--raw-spread-s", "1"),
+        *("--cost-model", "quick-sleep", "--duration-limit", "60"),
+        *("--workdir", str(workdir), "--json", str(out), "--no-progress"),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S + 60, cwd=PROJECT_ROOT)
+    assert out.exists(), f"no report; exit {result.returncode}; stderr tail:\n{result.stderr[-3000:]}"
+    return NightRun(result.returncode, json.loads(out.read_text()), workdir, result.stderr)
+
+
+class TestPoolNight:
+    """`scripts/bench_night.py --design pool`: the fan-out and two workers instead of the shim."""
+
+    def test_every_target_done_once_and_split_over_the_workers(self, pool_night: NightRun) -> None:
+        assert pool_night.returncode == 0, pool_night.stderr[-3000:]
+        report, targets = pool_night.report, 2 * DETECTORS
+        counts = report["targets"]
+        assert counts["planned"] == counts["done"] == targets and counts["ran_a_stage_twice"] == 0
+        workers = report["per_worker"]
+        assert set(workers) == {"w0", "w1"} and report["pool"]["workers"] == 2
+        assert sum(w["targets_done"] for w in workers.values()) == targets
+        assert all(w["targets_done"] > 0 for w in workers.values())  # round-robin partitions: both work
+        for worker in workers.values():
+            assert worker["work_items"]["committed"] == worker["work_items"]["taken"] == worker["targets_done"]
+            assert worker["cpu_submitter"]["processes_seen"] == 1 and worker["rss_max_mb"]["service"] > 0
+        cpu = report["cpu_by_role"]
+        assert cpu["submitter"]["processes_seen"] == 2 and cpu["fanout"]["processes_seen"] == 1
+        assert cpu["shim"]["processes_seen"] == 3  # the fan-out and the two workers
+        assert report["rss_by_role"]["shim"]["max_mb"] > 0 and report["latency"]["orchestration_added"]["n"] == targets
+        assert len(list(pool_night.workdir.glob("results/LSSTCam/*/*/*/done.json"))) == targets

@@ -84,7 +84,7 @@ class TestRetryPolicy:
 
     def test_config_back_off_and_what_is_retried(self) -> None:
         policy = RetryPolicy.from_config(load_config(instrument="LSSTComCamSim"))
-        assert (policy.max_attempts, policy.backoff_s, policy.backoff_max_s) == (3, 5.0, 60.0)
+        assert (policy.max_attempts, policy.backoff_s, policy.backoff_max_s) == (4, 5.0, 60.0)
         assert [RetryPolicy(backoff_s=5.0, backoff_max_s=12.0).delay_s(a) for a in (1, 2, 3)] == [5.0, 10.0, 12.0]
         target = TargetPaths("LSSTComCamSim", "2026-11-27", GROUP, 1)
         assert policy.should_retry(_failure(target, "AlertDeliveryError", True), 1)

@@ -7,8 +7,10 @@ line per job run: a stage listed twice ran twice), the stand-in *apdb* lines (th
 "alert sent" marker: more than one is a duplicate alert, none for a done target a
 missing one), and the visit files' times (when the shim consumed each next_visit).
 Recovery is measured from the end of the fault window: the first next_visit
-consumed after it, the first target done after it, the last outcome.  `format_table`
-prints one row per scenario.
+consumed after it, the first target done after it, the last outcome.  When the
+stand-in *apdb* stores rows in PostgreSQL (`stream_shim.testbed.fault_standin.ApdbRows`),
+they are counted too: one per done target (``expected``), none missing, none twice
+(``total == distinct == expected``).  `format_table` prints one row per scenario.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 __all__ = ["Observed", "account", "format_table"]
 
 import dataclasses
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,10 @@ class Observed:
     wall_s: float
     upload_retries: int
     shim_alive: bool
+    apdb_rows: list[tuple[str, int]] | None = None
+    """``(group, detector)`` of each stand-in APDB row of the scenario's visits (`None`: no rows stored)."""
+    apdb_error: str | None = None
+    """Why the rows could not be counted."""
 
 
 def _mtime(path: Path) -> float | None:
@@ -86,6 +93,22 @@ def _after(times: Sequence[float], since: float) -> float | None:
     return round(min(later), 2) if later else None
 
 
+def _apdb_rows(observed: Observed, done_keys: set[tuple[str, int]]) -> dict[str, Any] | None:
+    """Count the stand-in APDB rows against the done targets (`None` if the scenario stores none)."""
+    if observed.apdb_rows is None and observed.apdb_error is None:
+        return None
+    per = Counter(observed.apdb_rows or [])
+    return {
+        "expected": len(done_keys),
+        "total": sum(per.values()),
+        "distinct": len(per),
+        "duplicate": sum(count - 1 for count in per.values()),
+        "missing": len(done_keys - set(per)),
+        "not_done": len(set(per) - done_keys),
+        "error": observed.apdb_error,
+    }
+
+
 def account(observed: Observed, *, workdir: Path, instrument: str, paths: Mapping[str, str]) -> dict[str, Any]:
     """Return the scenario's report (JSON-able): targets, duplicates, alerts, recovery, shim counts, goals.
 
@@ -105,6 +128,7 @@ def account(observed: Observed, *, workdir: Path, instrument: str, paths: Mappin
     accepted_at: list[tuple[float, float]] = []  # (consumed, announced) per visit
     alerts = {"sent": 0, "duplicate": 0, "missing": 0}
     stage_reruns = 0
+    done_keys: set[tuple[str, int]] = set()
     for visit in observed.visits:
         consumed = []
         for detector in observed.detectors:
@@ -118,6 +142,7 @@ def account(observed: Observed, *, workdir: Path, instrument: str, paths: Mappin
             runs = _runs(work / "runs.log")
             if done_time is not None:
                 done.append(name)
+                done_keys.add((visit.group, detector))
                 done_at.append(done_time)
                 outcomes_at.append(done_time)
             elif failed_time is not None:
@@ -153,8 +178,10 @@ def account(observed: Observed, *, workdir: Path, instrument: str, paths: Mappin
     if observed.unbuildable is not None:
         group, detector = observed.unbuildable
         unbuildable = next((n for n in failed if f"({group}) detector {detector}" in n), None)
+    rows = _apdb_rows(observed, done_keys)
     violations = _violations(
         observed,
+        rows=rows,
         expected=expected,
         failed=failed,
         lost=lost,
@@ -183,6 +210,7 @@ def account(observed: Observed, *, workdir: Path, instrument: str, paths: Mappin
         "duplicate_stage_runs": stage_reruns,
         "duplicated_targets": duplicated[:_LIST_MAX],
         "alerts": alerts,
+        "apdb_rows": rows,
         "recovery": recovery,
         "next_visit_drops": drops,
         "shim_counts": shim,
@@ -210,6 +238,7 @@ def _violations(
     drops: Mapping[str, int],
     recovery: Mapping[str, float | None],
     unbuildable_failed: str | None,
+    rows: Mapping[str, Any] | None = None,
 ) -> list[str]:
     scenario, out = observed.scenario, []
     if observed.fault_error is not None:
@@ -237,6 +266,17 @@ def _violations(
         intake = recovery.get("intake_s")
         if intake is None or intake > scenario.intake_bound_s:
             out.append(f"intake recovery {intake} s, bound {scenario.intake_bound_s:g} s")
+    if scenario.apdb_rows and rows is None:
+        out.append("the stand-in APDB rows were not stored")
+    if rows is not None:
+        if rows["error"] is not None:
+            out.append(f"stand-in APDB rows not counted: {rows['error']}")
+        if rows["missing"]:
+            out.append(f"{rows['missing']} done target(s) without an APDB row")
+        if rows["duplicate"]:
+            out.append(f"{rows['duplicate']} duplicate APDB row(s)")
+        if rows["not_done"]:
+            out.append(f"{rows['not_done']} APDB row(s) of targets not done")
     if not observed.shim_alive:
         out.append("the shim exited")
     if expected == 0:
@@ -263,6 +303,7 @@ def format_table(reports: Sequence[Mapping[str, Any]]) -> str:
         "dup runs",
         "dup alerts",
         "miss alerts",
+        "rows t/d/e",
         "intake s",
         "1st done s",
         "last s",
@@ -272,6 +313,8 @@ def format_table(reports: Sequence[Mapping[str, Any]]) -> str:
     rows: list[tuple[str, ...]] = [header]
     for report in reports:
         targets, alerts, recovery = report["targets"], report["alerts"], report["recovery"]
+        apdb = report.get("apdb_rows")
+        row_cell = f"{apdb['total']}/{apdb['distinct']}/{apdb['expected']}" if apdb else None
         rows.append(
             tuple(
                 _cell(v)
@@ -284,6 +327,7 @@ def format_table(reports: Sequence[Mapping[str, Any]]) -> str:
                     report["duplicate_stage_runs"],
                     alerts["duplicate"],
                     alerts["missing"],
+                    row_cell,
                     recovery.get("intake_s"),
                     recovery.get("first_done_s"),
                     recovery.get("last_outcome_s"),

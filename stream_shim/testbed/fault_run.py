@@ -8,6 +8,12 @@ fault at its trigger (`stream_shim.testbed.faults`), then waits until every targ
 announced has an outcome and the shim has nothing in flight, or the scenario's
 timeout; `stream_shim.testbed.fault_report.account` judges the result.
 
+A scenario whose stand-in *apdb* stores rows (``Scenario.apdb_rows``) gets a
+PostgreSQL server (`stream_shim.testbed.local_services.PostgresServer`, one for the
+suite, under ``<workdir>/postgres``) and the stand-in's table
+(`stream_shim.testbed.fault_standin.ApdbRows`); its rows are counted at the end.
+On a shared stack every scenario's *apdb* stores rows if one's does.
+
 Each scenario gets a fresh stack in its own directory by default; ``shared_stack``
 plays them one after the other on one stack (quicker; a scenario with an
 unbuildable target must then come first, as the streaming Snakemake reads its
@@ -28,15 +34,16 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
 from stream_shim.testbed.fault_report import Observed, account
-from stream_shim.testbed.fault_standin import Unbuildable, write_fault_snakefile
-from stream_shim.testbed.faults import BrokerDown, FaultContext, FaultWindow, S3Down, Scenario
+from stream_shim.testbed.fault_standin import ApdbRows, Unbuildable, write_fault_snakefile
+from stream_shim.testbed.faults import BrokerDown, FaultContext, FaultWindow, PostgresDown, S3Down, Scenario
 from stream_shim.testbed.live_stack import LiveStack
+from stream_shim.testbed.local_services import HOST, PostgresServer
 from stream_shim.testbed.night import Cadence, NightCamera, RawRecord, VisitRecord
 from stream_shim.testbed.night_standin import CostModel
 from workflow.core.buckets import Bucket
@@ -127,6 +134,8 @@ class SuiteSettings:
         The camera's bound on delivering a next_visit.
     put_patience_s : `float`
         The camera's bound on uploading a raw.
+    retry : `~collections.abc.Mapping` or `None`
+        Overrides of the shim's ``submission.retry`` section (`None`: the config's).
     """
 
     cadence: Cadence
@@ -137,10 +146,11 @@ class SuiteSettings:
     tail_s: float = 75.0
     kafka_timeout_s: float = 60.0
     put_patience_s: float = 90.0
+    retry: Mapping[str, Any] | None = None
 
     def timeout_s(self, scenario: Scenario) -> float:
         """Return the scenario's bound: the night, the fault's pause, and the tail."""
-        pause = scenario.fault.down_s if isinstance(scenario.fault, BrokerDown | S3Down) else 0.0
+        pause = scenario.fault.down_s if isinstance(scenario.fault, BrokerDown | S3Down | PostgresDown) else 0.0
         return self.cadence.last_raw_after_s() + pause + self.tail_s + 2 * self.cost.after_raw_s()
 
 
@@ -201,10 +211,25 @@ class FaultSuite:
         if settings.detectors < 1 or settings.detectors > len(active):
             raise ValueError(f"detectors: {settings.detectors}; between 1 and {len(active)} for {settings.instrument}")
         self.detectors = active[: settings.detectors]
+        self.postgres: PostgresServer | None = None
+        self.apdb: ApdbRows | None = None
+        self._stores_rows: set[Path] = set()  # run directories of the stacks whose apdb stores rows
 
     # -- the stack ----------------------------------------------------------------------
 
-    def _stack(self, workdir: Path, unbuildable: Unbuildable | None) -> LiveStack:
+    def _start_postgres(self, resources: ExitStack) -> None:
+        """Start the suite's PostgreSQL server and create the stand-in *apdb*'s table."""
+        server = PostgresServer(self.workdir / "postgres")
+        resources.enter_context(server)
+        if server.data_dir is None or not server.data_dir.is_relative_to(server.base_dir):
+            raise RuntimeError(
+                f"PostgreSQL cluster in {server.data_dir}, outside {server.base_dir}: a stop would remove it"
+            )
+        self.postgres, self.apdb = server, ApdbRows(HOST, server.port, server.database, server.user)
+        self.apdb.create()
+        self.progress(f"PostgreSQL up on port {server.port} ({self.apdb.where})")
+
+    def _stack(self, workdir: Path, unbuildable: Unbuildable | None, *, rows: bool) -> LiveStack:
         settings, cadence = self.settings, self.settings.cadence
         raw_timeout_s = 2 * (cadence.lead_s + cadence.exptime_s + cadence.readout_s) + float(
             self.base["raw"]["image_timeout_s"]
@@ -216,9 +241,16 @@ class FaultSuite:
             poll_s=float(self.base["ingest"]["poll_interval_s"]),
             raw_timeout_s=raw_timeout_s,
             unbuildable=unbuildable,
+            apdb=self.apdb if rows else None,
         )
+        if rows:
+            self._stores_rows.add(workdir.resolve())
         slots = settings.slots or max(len(self.detectors) * 3, 8)
-        overrides = {"active_detectors": {"default": False, "overrides": {str(d): True for d in self.detectors}}}
+        overrides: dict[str, Any] = {
+            "active_detectors": {"default": False, "overrides": {str(d): True for d in self.detectors}}
+        }
+        if settings.retry is not None:
+            overrides["submission"] = {"retry": dict(settings.retry)}
         return LiveStack(
             workdir,
             repo=self.repo,
@@ -247,18 +279,26 @@ class FaultSuite:
 
     def run(self, scenarios: Sequence[Scenario]) -> list[dict[str, Any]]:
         """Play ``scenarios`` in order; return one report per scenario (`fault_report.account`)."""
+        with ExitStack() as resources:
+            if any(s.apdb_rows for s in scenarios):
+                self._start_postgres(resources)
+            return self._run(scenarios)
+
+    def _run(self, scenarios: Sequence[Scenario]) -> list[dict[str, Any]]:
         reports = []
         if not self.shared_stack:
             for scenario in scenarios:
                 workdir = self.workdir / scenario.name
-                with self._entered(self._stack(workdir, self._unbuildable(scenario, 0))) as stack:
+                stack = self._stack(workdir, self._unbuildable(scenario, 0), rows=scenario.apdb_rows)
+                with self._entered(stack):
                     reports.append(self.play(scenario, stack))
             return reports
         late = [s.name for s in scenarios[1:] if s.unbuildable is not None]
         if late:
             raise ValueError(f"shared stack: scenario(s) {late} with an unbuildable target must come first")
         first = self._unbuildable(scenarios[0], 0) if scenarios else None
-        with self._entered(self._stack(self.workdir / "shared", first)) as stack:
+        rows = any(s.apdb_rows for s in scenarios)
+        with self._entered(self._stack(self.workdir / "shared", first, rows=rows)) as stack:
             for scenario in scenarios:
                 reports.append(self.play(scenario, stack))
         return reports
@@ -266,7 +306,7 @@ class FaultSuite:
     def play(self, scenario: Scenario, stack: LiveStack) -> dict[str, Any]:
         """Play one scenario on a running ``stack``; return its report."""
         settings = self.settings
-        started = time.monotonic()
+        started, load_start = time.monotonic(), os.getloadavg()
         deadline = started + settings.timeout_s(scenario)
         self.progress(f"scenario {scenario.name}: {scenario.description} (timeout {deadline - started:.0f} s)")
         counts_before = stack.status().get("counts", {})
@@ -312,6 +352,12 @@ class FaultSuite:
             visit = next((v for v in visits if v.index == scenario.unbuildable[0]), None)
             if target is not None and visit is not None:
                 unbuildable = (visit.group, target.detector)
+        apdb_rows, apdb_error = None, None
+        if self.apdb is not None and stack.workdir in self._stores_rows:
+            try:
+                apdb_rows = self.apdb.rows([v.group for v in visits])
+            except Exception as exc:  # noqa: BLE001 - reported with the scenario
+                apdb_error = f"{type(exc).__name__}: {exc}"
         observed = Observed(
             scenario=scenario,
             visits=visits,
@@ -326,9 +372,15 @@ class FaultSuite:
             wall_s=time.monotonic() - started,
             upload_retries=camera.upload_retries,
             shim_alive=stack.shim is not None and stack.shim.poll() is None,
+            apdb_rows=apdb_rows,
+            apdb_error=apdb_error,
         )
         report = account(observed, workdir=stack.workdir, instrument=settings.instrument, paths=self.base["paths"])
         report["workdir"] = str(stack.workdir)
+        report["load_average"] = {
+            "start": [round(v, 2) for v in load_start],
+            "end": [round(v, 2) for v in os.getloadavg()],
+        }
         self.progress(
             f"scenario {scenario.name}: {report['targets']['done']}/{report['targets']['expected']} done, "
             f"{report['targets']['failed']} failed, {report['targets']['lost']} lost in {report['wall_s']:.0f} s; "
@@ -362,7 +414,8 @@ class FaultSuite:
                 raise ConnectionError(f"poison next_visit not delivered: {delivered[:1]}")
 
         try:
-            return scenario.fault.inject(FaultContext(stack=stack, stop=stop, publish=publish)), None
+            context = FaultContext(stack=stack, stop=stop, publish=publish, postgres=self.postgres)
+            return scenario.fault.inject(context), None
         except Exception as exc:  # noqa: BLE001 - reported with the scenario
             _log.exception("fault %s failed", scenario.fault.name)
             return None, f"{type(exc).__name__}: {exc}"

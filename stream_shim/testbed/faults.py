@@ -12,6 +12,8 @@ Faults act on the live stack's own servers and processes (`FaultContext`):
 - `BrokerDown`: ``KafkaBroker.stop()``, a pause, ``start()`` on the same port and
   storage (a restart when the pause is short, an outage when it is long);
 - `S3Down`: the same with the raw bucket's SeaweedFS (``LiveStack.s3``);
+- `PostgresDown`: the same with the PostgreSQL server of the stand-in *apdb*
+  (``FaultContext.postgres``; `stream_shim.testbed.fault_standin.ApdbRows`);
 - `KillSnakemake`: SIGKILL of the shim's streaming Snakemake (that process only:
   its jobs are the shim's to stop);
 - `PoisonNextVisits`: next_visits the shim must drop (e.g. groupId ``../../x``).
@@ -35,6 +37,7 @@ __all__ = [
     "KillSnakemake",
     "NoFault",
     "PoisonNextVisits",
+    "PostgresDown",
     "S3Down",
     "SCENARIOS",
     "Scenario",
@@ -121,11 +124,14 @@ class FaultContext:
         Set when the scenario must end early; every pause waits on it.
     publish : callable
         ``publish(value)`` sends raw bytes on the next_visit topic (bounded), or raises.
+    postgres : `stream_shim.testbed.local_services.PostgresServer` or `None`
+        The stand-in *apdb*'s server, when the scenario stores rows.
     """
 
     stack: LiveStack
     stop: threading.Event
     publish: Callable[[bytes], None]
+    postgres: Any = None
 
     def next_visit_template(self) -> dict[str, Any]:
         """Return the fields of a good next_visit of the stack's instrument, sent now (`NextVisit.to_dict`)."""
@@ -277,6 +283,29 @@ class S3Down:
         return window
 
 
+@dataclasses.dataclass(frozen=True)
+class PostgresDown:
+    """Stop the stand-in *apdb*'s PostgreSQL server, wait ``down_s``, start it again (same port and cluster).
+
+    The server stops in "fast" mode (SIGINT: open connections are cut), so an
+    *apdb* job in the middle of its insert fails like one that cannot connect.
+    """
+
+    down_s: float
+    name: str = "postgres_down"
+
+    def inject(self, context: FaultContext) -> FaultWindow | None:
+        """Stop, pause, start; return the time PostgreSQL was away."""
+        server = context.postgres
+        if server is None:
+            raise RuntimeError("the scenario has no PostgreSQL server (Scenario.apdb_rows is false)")
+        window = _outage(server, server.port, context.stop, self.down_s)
+        _log.warning(
+            "fault: PostgreSQL away %.1f s (stop() took %.1f s)", window.ended - window.started, window.detail["stop_s"]
+        )
+        return window
+
+
 def streaming_snakemake_pids(shim_pid: int) -> list[int]:
     """Return the pids of the shim's streaming Snakemake processes (``-m stream_shim.queue_runner``)."""
     try:
@@ -367,6 +396,9 @@ class Scenario:
         next_visit drops by reason the shim must count (e.g. ``{"invalid_group": 1}``).
     intake_bound_s : `float` or `None`
         Goal: the first next_visit after the fault is consumed within this many seconds of its end.
+    apdb_rows : `bool`
+        The stand-in *apdb* stores a row per detector-visit in PostgreSQL (goal: one row per done
+        target, none twice).
     """
 
     name: str
@@ -376,6 +408,7 @@ class Scenario:
     unbuildable: tuple[int, int] | None = None
     expected_drops: Mapping[str, int] = dataclasses.field(default_factory=dict)
     intake_bound_s: float | None = None
+    apdb_rows: bool = False
 
     @property
     def expected_failures(self) -> int:
@@ -392,7 +425,8 @@ def build_scenarios(cadence: Cadence) -> list[Scenario]:
     next_visit consumed after the broker is back measures the shim's recovery, not the
     cadence; and a short restart is over before visit 2's raws land.  The S3 outage
     starts halfway through visit 1's raws: some are in the bucket and being read, the
-    others not uploaded yet.
+    others not uploaded yet.  The PostgreSQL outage starts 1 s after visit 1's raws
+    landed, before its *apdb* jobs (after ingest and pipeline), and lasts into visit 2's.
 
     Raises
     ------
@@ -430,6 +464,13 @@ def build_scenarios(cadence: Cadence) -> list[Scenario]:
             mid_raws,
         ),
         Scenario(
+            "postgres_outage",
+            "the stand-in APDB's PostgreSQL away for 20 s from 1 s after visit 1's raws landed (its apdb stages)",
+            PostgresDown(20.0, name="postgres_outage"),
+            Trigger("raws_landed", 1, 1.0),
+            apdb_rows=True,
+        ),
+        Scenario(
             "poison",
             "a next_visit with groupId ../../x after visit 1, and visit 2's first detector unbuildable",
             PoisonNextVisits(("../../x",)),
@@ -446,7 +487,15 @@ def build_scenarios(cadence: Cadence) -> list[Scenario]:
     ]
 
 
-SCENARIOS: tuple[str, ...] = ("baseline", "broker_restart", "broker_outage", "s3_outage", "poison", "kill_snakemake")
+SCENARIOS: tuple[str, ...] = (
+    "baseline",
+    "broker_restart",
+    "broker_outage",
+    "s3_outage",
+    "postgres_outage",
+    "poison",
+    "kill_snakemake",
+)
 """Names of the suite's scenarios, in order (`build_scenarios`)."""
 
 

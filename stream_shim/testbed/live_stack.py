@@ -153,6 +153,10 @@ class LiveStack:
         client = self.s3.client()
         if self.config["buckets"]["raw"] not in {b["Name"] for b in client.list_buckets().get("Buckets", [])}:
             client.create_bucket(Bucket=self.config["buckets"]["raw"])
+        self._start_shim()
+
+    def _start_shim(self) -> None:
+        """Start the shim (``python -m stream_shim``) and wait until it runs (the night pool starts its roles)."""
         with open(self.workdir / "shim.log", "ab") as log:
             self.shim = subprocess.Popen(
                 [

@@ -22,7 +22,7 @@ from typing import Any, cast
 
 import fastavro
 
-from workflow.apdb.alerts import alert_schema
+from workflow.apdb.alerts import write_alert_file
 
 _log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class AlertOutbox:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as stream:
-            fastavro.writer(stream, alert_schema(), [dict(a) for a in alerts])
+            write_alert_file(stream, alerts)
             stream.flush()
             os.fsync(stream.fileno())
         os.replace(tmp, self.path)

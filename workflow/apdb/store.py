@@ -271,6 +271,14 @@ def _guard(action: Callable[[], Any], where: str) -> Any:
         raise ApdbNotFoundError(f"no APDB at {where} (no table {exc}); create it with `apdb-cli create-sql`") from exc
     except sqlalchemy.exc.OperationalError as exc:
         raise ApdbUnavailableError(f"APDB at {where} is unreachable: {exc.orig}") from exc
+    except sqlalchemy.exc.DBAPIError as exc:
+        # A connection the server cut (restart, failover) may surface as another DBAPI class
+        # (psycopg2's InterfaceError "connection already closed"); SQLAlchemy flags it invalidated.
+        if exc.connection_invalidated or isinstance(exc, sqlalchemy.exc.InterfaceError):
+            raise ApdbUnavailableError(f"APDB at {where}: connection lost: {exc.orig}") from exc
+        raise
+    except (sqlalchemy.exc.TimeoutError, sqlalchemy.exc.DisconnectionError) as exc:  # pool wait, pool disconnect
+        raise ApdbUnavailableError(f"APDB at {where} is unreachable: {exc}") from exc
     except Exception as exc:
         if type(exc).__name__ in ("NoHostAvailable", "OperationTimedOut"):  # cassandra-driver
             raise ApdbUnavailableError(f"APDB at {where} is unreachable: {exc}") from exc
