@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 from stream_shim.health import HealthCheckError
-from stream_shim.service import DESIGNS, ShimAlreadyRunningError, ShimOptions, StreamShim
+from stream_shim.service import DESIGNS, ShimOptions, StreamShim
+from stream_shim.state_lock import ShimAlreadyRunningError
 from workflow.core.config import load_config
 from workflow.core.exceptions import ConfigError
 from workflow.core.log_setup import configure_logging

@@ -22,9 +22,7 @@ from __future__ import annotations
 
 __all__ = ["FanOutHandler", "FanOutInterrupted", "FanOutService", "ensure_work_topic"]
 
-import fcntl
 import logging
-import os
 import threading
 import time
 from collections.abc import Mapping, Sequence
@@ -34,6 +32,7 @@ from typing import IO, Any
 from stream_shim.bridge import bridge_for_config
 from stream_shim.consumer import ConsumeLoop, VisitGate, consumer_settings
 from stream_shim.health import check_kafka
+from stream_shim.state_lock import take_state_lock
 from stream_shim.status import ShimStatus, StatusServer, StatusWriter
 from stream_shim.work_items import WorkItem, partition_for, work_topic
 from workflow.core.exceptions import RetriableError
@@ -266,23 +265,14 @@ class FanOutService:
         self._lock_file: IO[str] | None = None
 
     def _take_lock(self) -> None:
-        from stream_shim.service import ShimAlreadyRunningError
-
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.state_dir / "lock", "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ShimAlreadyRunningError(f"another fan-out runs with state directory {self.state_dir}") from None
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
+        self._lock_file = take_state_lock(self.state_dir, "fan-out")
 
     def run(self, stop: threading.Event) -> int:
         """Run until ``stop`` is set (or the consumer fails); return the exit status (0 or 1).
 
         Raises
         ------
-        stream_shim.service.ShimAlreadyRunningError
+        stream_shim.state_lock.ShimAlreadyRunningError
             If another fan-out uses the same state directory.
         stream_shim.health.HealthCheckError
             If the broker is unavailable at start-up.

@@ -17,10 +17,9 @@ the final status.  Whatever did not finish is in the journal for the next run.
 
 from __future__ import annotations
 
-__all__ = ["DESIGNS", "ShimOptions", "ShimAlreadyRunningError", "StreamShim"]
+__all__ = ["DESIGNS", "ShimOptions", "StreamShim"]
 
 import dataclasses
-import fcntl
 import functools
 import logging
 import os
@@ -39,13 +38,14 @@ from stream_shim.process_group import ChildRegistry
 from stream_shim.queue_runner import write_wrapper_snakefile
 from stream_shim.raw_arrival import RawArrivals
 from stream_shim.retry_policy import RetryPolicy
+from stream_shim.state_lock import take_state_lock
 from stream_shim.status import ShimStatus, StatusServer, StatusWriter
 from stream_shim.submission import Submitter
 from stream_shim.target_store import PathOutsideRunDirError, TargetStore, contained_path, store_for_profile
 from workflow.core.arrivals import ENV_VAR, ArrivalIndex
 from workflow.core.buckets import open_bucket
 from workflow.core.config import instrument_config_path
-from workflow.core.exceptions import InvalidIdentifier, RetriableError
+from workflow.core.exceptions import InvalidIdentifier
 from workflow.core.identifiers import check_identifier
 from workflow.core.instrument import instrument_for_run
 from workflow.runtime.snakemake_runner import snakemake_command, snakemake_entry
@@ -57,10 +57,6 @@ _log = logging.getLogger(__name__)
 DESIGNS = ("streaming", "subprocess")
 """Submission designs: one long-lived Snakemake fed targets, or one Snakemake per batch."""
 _ARRIVALS_KEEP_S = 3 * 86400.0
-
-
-class ShimAlreadyRunningError(RetriableError, RuntimeError):
-    """Another shim holds the state directory of this run directory."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -158,14 +154,7 @@ class StreamShim:
     # -- pieces -------------------------------------------------------------------------
 
     def _take_lock(self) -> None:
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = open(self.state_dir / "lock", "w")
-        try:
-            fcntl.flock(self._lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ShimAlreadyRunningError(f"another stream shim runs with state directory {self.state_dir}") from None
-        self._lock_file.write(str(os.getpid()))
-        self._lock_file.flush()
+        self._lock_file = take_state_lock(self.state_dir, "stream shim")
 
     def _command(
         self,
@@ -385,7 +374,7 @@ class StreamShim:
 
         Raises
         ------
-        ShimAlreadyRunningError
+        stream_shim.state_lock.ShimAlreadyRunningError
             If another shim uses the same state directory.
         stream_shim.health.HealthCheckError
             If a service is unavailable at start-up.

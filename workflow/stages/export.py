@@ -8,23 +8,44 @@ chained under ``LSSTComCamSim/prompt/output-2026-11-28`` (Rubin's naming).
 Idempotent: a dataset already in the run is skipped, dimension records are synced
 (created once), and on a file-based (SQLite) registry a lock file serialises the
 registry writes of concurrent exports on this node.
+
+Two modes (``export.mode``):
+
+``direct`` (default)
+    The stage opens the central repo and ``put``s its datasets itself.
+``batched``
+    The stage queues an export request in the node's spool (``export.spool_dir``)
+    and the node's writer (`run_writer`, CLI ``scripts/export_writer.py``) ingests
+    many detector-visits in one transaction (`workflow.repo.export_batch`).  The
+    stage's record then lists the dataset types as ``queued``; the writer's receipt
+    in ``<spool>/done`` says when they were committed.
 """
 
 from __future__ import annotations
 
-__all__ = ["run", "config_hashes", "output_run", "output_chain", "select_outputs", "export_outputs"]
+__all__ = [
+    "run",
+    "run_writer",
+    "config_hashes",
+    "output_run",
+    "output_chain",
+    "select_outputs",
+    "export_outputs",
+    "export_mode",
+    "spool_dir",
+]
 
 import fcntl
 import hashlib
 import json
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from workflow.core.exceptions import NonRetriableError
+from workflow.core.exceptions import ConfigError, NonRetriableError
 from workflow.stages.records import StageRecord, read_stage_record
 from workflow.stages.target import TargetPaths, run_stage
 
@@ -40,6 +61,22 @@ OUTPUT_DATASET_TYPES: dict[str, str] = {
 """Per-detector-visit products the pipeline stage can write, with storage classes."""
 
 _DIMENSIONS = ("instrument", "visit", "detector")
+EXPORT_MODES = ("direct", "batched")
+DEFAULT_SPOOL_DIR = "export-spool"
+"""Spool of batched exports when ``export.spool_dir`` is unset (relative to the run directory)."""
+
+
+def export_mode(config: Mapping[str, Any]) -> str:
+    """Return ``export.mode`` (default ``direct``); raise `ConfigError` for another value."""
+    mode = str(config["export"].get("mode", "direct"))
+    if mode not in EXPORT_MODES:
+        raise ConfigError(f"export.mode: {mode!r} is not one of {', '.join(EXPORT_MODES)}")
+    return mode
+
+
+def spool_dir(config: Mapping[str, Any]) -> Path:
+    """Return the node's spool of batched exports (``export.spool_dir``)."""
+    return Path(str(config["export"].get("spool_dir", DEFAULT_SPOOL_DIR)))
 
 
 def _short_hash(data: Any) -> str:
@@ -53,7 +90,9 @@ def config_hashes(config: Mapping[str, Any]) -> tuple[str, str]:
     changes the products (instrument geometry, pipeline selection, export, scale).
     """
     pipelines = _short_hash(config["pipeline_definitions"])
-    rest = {k: config.get(k) for k in ("instrument", "detector", "filters", "pipelines", "export", "simulation")}
+    rest = {k: config.get(k) for k in ("instrument", "detector", "filters", "pipelines", "simulation")}
+    # Only what is exported changes the products: the mode and spool of the export do not.
+    rest["export"] = {"dataset_types": config["export"]["dataset_types"]} if "export" in config else None
     return pipelines, _short_hash(rest)
 
 
@@ -75,11 +114,19 @@ def select_outputs(outputs: Mapping[str, str], patterns: list[str]) -> dict[str,
     return {t: p for t, p in outputs.items() if any(c.search(t) for c in compiled)}
 
 
+def _is_sqlite(butler: Any) -> bool:
+    return str(butler._config.get(("registry", "db"), "")).startswith("sqlite")
+
+
 @contextmanager
-def _registry_lock(repo: str) -> Iterator[None]:
-    """Serialise registry writes on a local (SQLite) repo; no-op for remote repos."""
+def _registry_lock(repo: str, butler: Any) -> Iterator[None]:
+    """Serialise registry writes on a local SQLite repo; no-op for a server registry or a remote repo.
+
+    A server (PostgreSQL) registry takes concurrent writers itself; holding the
+    lock there would serialise every export of the node for nothing.
+    """
     root = Path(repo)
-    if "://" in repo or not root.is_dir():
+    if "://" in repo or not root.is_dir() or not _is_sqlite(butler):
         yield
         return
     with open(root / ".export.lock", "a") as handle:
@@ -109,9 +156,9 @@ def _ensure_collections(butler: Any, run: str, chain: str) -> None:
 
     butler.registry.registerRun(run)
     butler.registry.registerCollection(chain, CollectionType.CHAINED)
-    children = list(butler.registry.getCollectionChain(chain))
-    if run not in children:
-        butler.registry.setCollectionChain(chain, [run, *children])
+    if run not in butler.registry.getCollectionChain(chain):
+        # prepend_chain locks the chain: a concurrent export's new run is not lost (set would race).
+        butler.collections.prepend_chain(chain, run)
 
 
 def export_outputs(
@@ -141,7 +188,9 @@ def export_outputs(
     Returns
     -------
     record : `dict`
-        ``run``, ``chain``, ``exported`` and ``skipped`` dataset type lists.
+        ``run``, ``chain``, ``data_id``, ``exported`` and ``skipped`` dataset
+        type lists; in batched mode also ``queued`` (the types requested) and
+        ``request`` (the request id; its receipt is ``<spool>/done/<id>.json``).
 
     Raises
     ------
@@ -160,9 +209,31 @@ def export_outputs(
     run = output_run(config, day_obs, pipeline)
     chain = output_chain(info.instrument, day_obs)
     data_id = {"instrument": info.instrument, "visit": info.exposure_id, "detector": detector}
+    if export_mode(config) == "batched":
+        from workflow.repo.export_batch import submit_request
+
+        request = submit_request(
+            spool_dir(config),
+            run=run,
+            chain=chain,
+            data_id=data_id,
+            raw_header=raw_header,
+            outputs={t: (p, OUTPUT_DATASET_TYPES[t]) for t, p in selected.items()},
+            where=where,
+        )
+        _log.info("%s: queued %s for %s as %s", where, sorted(selected), run, request.request_id)
+        return {
+            "run": run,
+            "chain": chain,
+            "exported": [],
+            "skipped": [],
+            "queued": sorted(selected),
+            "request": request.request_id,
+            "data_id": data_id,
+        }
     exported, skipped = [], []
-    with _registry_lock(str(config["central_repo"])):
-        butler = open_central_repo(config["central_repo"], writeable=True)
+    butler = open_central_repo(config["central_repo"], writeable=True)
+    with _registry_lock(str(config["central_repo"]), butler):
         register_exposure(butler, info, instrument_for_run(config))
         _register_output_types(butler)
         _ensure_collections(butler, run, chain)
@@ -202,3 +273,45 @@ def run(
         )
 
     return run_stage("export", visit=visit, record=record, config=config, log=log, body=export)
+
+
+def run_writer(
+    config: Mapping[str, Any],
+    *,
+    idle_exit_s: float | None = None,
+    max_batch: int = 1000,
+    transfer: str = "copy",
+    should_stop: Callable[[], bool] | None = None,
+) -> int:
+    """Run the node's batched-export writer on ``export.spool_dir`` (see `workflow.repo.export_batch`).
+
+    Parameters
+    ----------
+    config : `~collections.abc.Mapping`
+        Merged configuration (``central_repo``, ``export``, the instrument).
+    idle_exit_s : `float`, optional
+        Return after this long with nothing pending; default: run until stopped.
+    max_batch : `int`, optional
+        Most requests per transaction.
+    transfer : `str`, optional
+        Ingest transfer mode from the spool.
+    should_stop : callable, optional
+        Polled between batches.
+
+    Returns
+    -------
+    committed : `int`
+        Requests committed.
+    """
+    from workflow.core.instrument import instrument_for_run
+    from workflow.repo.export_batch import ExportWriter
+
+    writer = ExportWriter(
+        str(config["central_repo"]),
+        spool_dir(config),
+        instrument_for_run(config),
+        max_batch=max_batch,
+        transfer=transfer,
+    )
+    writer.warm_up(OUTPUT_DATASET_TYPES)
+    return writer.run(idle_exit_s=idle_exit_s, should_stop=should_stop)
