@@ -150,6 +150,10 @@ class SubprocessPoolBackend:
         Where children are recorded.
     workdir : `pathlib.Path`
         Working directory of the children.
+    max_processes : `int`, optional
+        Bound on the Snakemake processes running at once; when set, the batches
+        waiting are merged into one process as they start (one start-up for all:
+        under overload, retries must not add a cold Snakemake each).
     """
 
     name = "subprocess"
@@ -163,8 +167,10 @@ class SubprocessPoolBackend:
         log_dir: Path,
         registry: ChildRegistry,
         workdir: Path,
+        max_processes: int | None = None,
     ) -> None:
         self._command, self.max_cores, self._env = command, max_cores, dict(env)
+        self.max_processes = max_processes
         self._log_dir, self._registry, self._workdir = Path(log_dir), registry, Path(workdir)
         self._pending: collections.deque[Batch] = collections.deque()
         self._running: dict[int, tuple[subprocess.Popen[Any], Batch, int]] = {}
@@ -217,6 +223,14 @@ class SubprocessPoolBackend:
             log_path,
         )
 
+    def _merged(self) -> Batch:
+        """Take every waiting batch as one (call with the lock held, ``_pending`` not empty)."""
+        batches = [self._pending.popleft() for _ in range(len(self._pending))]
+        if len(batches) == 1:
+            return batches[0]
+        targets = tuple(t for b in batches for t in b.targets)
+        return Batch(f"{batches[0].batch_id}+{len(batches) - 1}-more", targets)
+
     def _reap(self) -> list[tuple[Batch, str]]:
         """Forget the batches whose process exited; return them (call back outside the lock)."""
         ended = []
@@ -243,7 +257,9 @@ class SubprocessPoolBackend:
                     free = None if self.max_cores is None else self.max_cores - self._used()
                     if free is not None and free < 1:
                         break
-                    batch = self._pending.popleft()
+                    if self.max_processes is not None and len(self._running) >= self.max_processes:
+                        break
+                    batch = self._merged() if self.max_processes is not None else self._pending.popleft()
                     cores = None if free is None else min(free, len(batch.targets))
                     self._launch(batch, cores)
             self._wake.wait(0.2)

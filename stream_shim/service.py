@@ -307,6 +307,7 @@ class StreamShim:
             log_dir=self.state_dir / "logs" / "retries",
             registry=self.registry,
             workdir=self.workdir,
+            max_processes=int(self.config["submission"]["retry"]["max_processes"]),
         )
 
     def _resume(self, submitter: Submitter) -> int:

@@ -176,6 +176,38 @@ class TestSubprocessPoolBackend:
         backend.drain(grace_s=5, term_wait_s=2)
         assert len(list((tmp_path / "logs").glob("snakemake-*.log"))) == 2
 
+    def test_waiting_batches_share_one_process_at_the_limit(self, tmp_path: Path) -> None:
+        """With ``max_processes``, batches queued behind a running one start as one process (one start-up)."""
+        gate, calls = tmp_path / "gate", []
+
+        def command(targets, cores):
+            calls.append(tuple(targets))
+            # Each "run" waits for the gate, then makes its targets' outputs.
+            make = " && ".join(f"mkdir -p $(dirname {t}) && touch {t}" for t in targets)
+            return ["bash", "-c", f"while [ ! -e {gate} ]; do sleep 0.05; done; {make}"]
+
+        backend = SubprocessPoolBackend(
+            command,
+            max_cores=100,
+            env={"PATH": "/usr/bin:/bin"},
+            log_dir=tmp_path / "logs",
+            registry=ChildRegistry(tmp_path / "c.json"),
+            workdir=tmp_path,
+            max_processes=1,
+        )
+        seen = Recorder()
+        backend.start(seen.on_ended, seen.on_job_error)
+        backend.submit(Batch("r1", (_target(1),)))
+        assert _wait(lambda: backend.processes() == 1)
+        for i in (2, 3, 4):
+            backend.submit(Batch(f"r{i}", (_target(i),)))
+        gate.touch()
+        assert _wait(lambda: len(seen.ended) == 2)
+        assert calls == [(_target(1),), (_target(2), _target(3), _target(4))]
+        assert seen.ended[1] == ((_target(2), _target(3), _target(4)), "snakemake exit 0")
+        assert all((tmp_path / _target(i)).exists() for i in (1, 2, 3, 4))
+        backend.drain(grace_s=5, term_wait_s=2)
+
 
 class TestProcessGroup:
     """Tests for `stream_shim.process_group`."""

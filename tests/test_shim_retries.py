@@ -89,7 +89,7 @@ class TestRetryPolicy:
         target = TargetPaths("LSSTComCamSim", "2026-11-27", GROUP, 1)
         assert policy.should_retry(_failure(target, "AlertDeliveryError", True), 1)
         assert policy.should_retry(_failure(target, "NoOutcome", None), 2)
-        assert not policy.should_retry(_failure(target, "AlertDeliveryError", True), 3)
+        assert not policy.should_retry(_failure(target, "AlertDeliveryError", True), 4)
         assert not policy.should_retry(_failure(target, "CorruptRawError", False), 1)
         assert not policy.should_retry(_failure(target, "KeyError", None), 1)  # unexpected: a bug, not retried
         with pytest.raises(ValueError, match="max_attempts must be >= 1"):
