@@ -102,9 +102,15 @@ def _export(args: tuple[dict, dict]) -> dict:
 
 
 def _export_all(config: dict, targets: list[dict]) -> list[dict]:
-    """Export every target at once, one forked process each (as the stage server forks stages)."""
-    with multiprocessing.get_context("fork").Pool(len(targets)) as pool:
-        return pool.map(_export, [(config, t) for t in targets])
+    """Export every target at once, one process each.
+
+    The processes come from a forkserver (forked from a clean single-threaded
+    process, as the stage server forks stages): forking pytest itself, which runs
+    server threads, once left a child stuck on a lock it inherited held.  A bounded
+    wait turns any hang into a failure.
+    """
+    with multiprocessing.get_context("forkserver").Pool(len(targets)) as pool:
+        return pool.map_async(_export, [(config, t) for t in targets]).get(timeout=300)
 
 
 def _with_mode(config: dict, mode: str) -> dict:
@@ -187,7 +193,7 @@ def _killed_writer(config: dict) -> None:
 def test_writer_killed_mid_batch_loses_nothing_and_the_restart_stores_each_dataset_once(setup):
     config, targets = _with_mode(setup["config"], "batched"), setup["targets"]
     _export_all(config, targets)
-    child = multiprocessing.get_context("fork").Process(target=_killed_writer, args=(config,))
+    child = multiprocessing.get_context("forkserver").Process(target=_killed_writer, args=(config,))
     child.start()
     child.join(120)
     assert child.exitcode == -signal.SIGKILL
