@@ -48,3 +48,23 @@ def queue_runner_command(snakefile: Path, directory: Path, *, cores: int = 2, ex
         "--directory",
         str(directory),
     ]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _len_field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def filer_create_event(name: str, parent: str, size: int = 10, mtime: int = 1) -> bytes:
+    """A SeaweedFS filer ``EventNotification`` (protobuf) of a new file ``parent/name``, no old entry."""
+    attributes = _varint(1 << 3) + _varint(size) + _varint(2 << 3) + _varint(mtime)
+    entry = _len_field(1, name.encode()) + _len_field(4, attributes)
+    return _len_field(2, entry) + _len_field(4, parent.encode())

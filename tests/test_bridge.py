@@ -32,6 +32,7 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
+from shared_helpers import filer_create_event
 
 from stream_shim.bridge import BridgeDeliveryError, CatchUp, FilerBridge, s3_lister
 from stream_shim.consumer import ConsumeLoop, consumer_settings
@@ -42,25 +43,6 @@ EVENTS = 4
 DELIVERY_TIMEOUT_S = 1.0
 DOWN_S = 10.0  # > 3 handler attempts of (timeout + 1 s pause): what the consume loop used to allow
 WAIT = 45.0
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _filer_create(name: str, parent: str) -> bytes:
-    """A filer ``EventNotification`` of a new 10-byte file ``parent/name`` (no old entry)."""
-    attributes = _varint(1 << 3) + _varint(10) + _varint(2 << 3) + _varint(1)
-    return _len_field(2, _len_field(1, name.encode()) + _len_field(4, attributes)) + _len_field(4, parent.encode())
 
 
 @pytest.fixture
@@ -110,7 +92,7 @@ def test_broker_outage_longer_than_the_delivery_timeout_loses_no_notification(
     producer = Producer({"bootstrap.servers": kafka_broker.bootstrap, "linger.ms": 0})
     for key in keys:
         name = key.rsplit("/", 1)[1]
-        producer.produce(filer_topic, _filer_create(name, f"/buckets/raw/{key.rsplit('/', 1)[0]}"), key=key)
+        producer.produce(filer_topic, filer_create_event(name, f"/buckets/raw/{key.rsplit('/', 1)[0]}"), key=key)
     assert producer.flush(WAIT) == 0
 
     status, stop, gate, entered = ShimStatus("LSSTCam", "test"), threading.Event(), threading.Event(), threading.Event()
@@ -157,7 +139,7 @@ def test_a_stop_ends_a_pending_delivery_without_acknowledging_it() -> None:
 
     def forward() -> None:
         try:
-            bridge.forward(b"/buckets/raw/a/b.fits", _filer_create("b.fits", "/buckets/raw/a"))
+            bridge.forward(b"/buckets/raw/a/b.fits", filer_create_event("b.fits", "/buckets/raw/a"))
         except BaseException as exc:  # noqa: BLE001 - inspected below
             raised.append(exc)
 

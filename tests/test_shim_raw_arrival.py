@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from shared_helpers import filer_create_event
 
 from stream_shim.bridge import FilerBridge, s3_event
 from stream_shim.filer_events import new_entry_attributes
@@ -19,25 +20,6 @@ from workflow.core.raw_keys import RawKeyLayout
 from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
 
 KEY = "LSSTComCamSim/20261128/CC_S_20261128_000007/CC_S_20261128_000007_R22_S11.fits"
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, n = n & 0x7F, n >> 7
-        out.append(byte | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _len_field(number: int, payload: bytes) -> bytes:
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
-def _filer_create(name: str, parent: str, size: int, mtime: int) -> bytes:
-    attributes = _varint(1 << 3) + _varint(size) + _varint(2 << 3) + _varint(mtime)
-    entry = _len_field(1, name.encode()) + _len_field(4, attributes)
-    return _len_field(2, entry) + _len_field(4, parent.encode())
 
 
 class TestParseS3Event:
@@ -184,7 +166,7 @@ class TestFilerBridge:
     """Tests for what `stream_shim.bridge.FilerBridge` drops, and `new_entry_attributes`."""
 
     def test_attributes_of_a_creation(self) -> None:
-        value = _filer_create("x.fits", "/buckets/raw/dir", 4321, 1_795_870_000)
+        value = filer_create_event("x.fits", "/buckets/raw/dir", 4321, 1_795_870_000)
         assert new_entry_attributes(value) == (4321, 1_795_870_000)
         assert new_entry_attributes(b"") == (None, None)
 
@@ -192,8 +174,9 @@ class TestFilerBridge:
         status = ShimStatus("LSSTComCamSim", "test")
         bridge = FilerBridge("127.0.0.1:1", "topic", ["raw"], status, timeout_s=1.0)  # never contacted
         assert (
-            bridge.forward(b"/buckets/other/x.fits", _filer_create("x.fits", "/buckets/other", 1, 1)) == "other_bucket"
+            bridge.forward(b"/buckets/other/x.fits", filer_create_event("x.fits", "/buckets/other", 1, 1))
+            == "other_bucket"
         )
-        assert bridge.forward(b"/topics/x", _filer_create("x", "/topics", 1, 1)) == "not_an_object"
+        assert bridge.forward(b"/topics/x", filer_create_event("x", "/topics", 1, 1)) == "not_an_object"
         assert bridge.forward(b"/buckets/raw/x", b"\x0a\xff") == "malformed"
         assert status.counts("bridge") == {"other_bucket": 1, "not_an_object": 1, "malformed": 1}
