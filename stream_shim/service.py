@@ -48,7 +48,7 @@ from workflow.core.config import instrument_config_path
 from workflow.core.exceptions import InvalidIdentifier
 from workflow.core.identifiers import check_identifier
 from workflow.core.instrument import instrument_for_run
-from workflow.runtime.snakemake_runner import snakemake_command, snakemake_entry
+from workflow.runtime.snakemake_runner import is_kubernetes_profile, snakemake_command, snakemake_entry
 from workflow.stages.records import FailedRecord
 from workflow.stages.target import TargetPaths
 
@@ -133,7 +133,7 @@ class StreamShim:
         self.options, self.config = options, config
         self.workdir = Path(options.workdir).resolve()
         self.state_dir = Path(options.state_dir or self.workdir / "shim").resolve()
-        self.k8s = Path(options.profile).name == "k8s"
+        self.k8s = is_kubernetes_profile(options.profile)
         self.design = "subprocess" if self.k8s else options.design
         if self.design not in DESIGNS:
             raise ValueError(f"design {options.design!r}: expected one of {DESIGNS}")

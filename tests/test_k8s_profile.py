@@ -55,6 +55,7 @@ from workflow.core.config import PROJECT_ROOT, load_config
 from workflow.core.instrument import instrument_for_run
 from workflow.core.visit import DetectorVisit, NextVisit
 from workflow.repo.central_repo import open_central_repo
+from workflow.runtime.snakemake_runner import is_kubernetes_profile, snakemake_entry
 from workflow.sim.demo_repo import build_demo_repo
 from workflow.stages.export import output_chain
 
@@ -742,3 +743,9 @@ class TestK8sProfileRun:
         with closing(sqlite3.connect(config["apdb"]["db_url"].removeprefix("sqlite:///"))) as apdb:
             rows = apdb.execute('SELECT visit, detector, COUNT(*) FROM "DiaSource" GROUP BY visit, detector')
             assert {(visit_id, detector): n for visit_id, detector, n in rows} == apdb_rows
+
+
+def test_the_job_path_is_known_by_the_profiles_executor_not_its_name() -> None:
+    assert [is_kubernetes_profile(f"profiles/{p}") for p in ("local", "k8s", "k8s-pvc")] == [False, True, True]
+    assert snakemake_entry("profiles/k8s-pvc") == ["-m", "workflow.runtime.k8s_executor"]
+    assert snakemake_entry("profiles/local") == ["-m", "snakemake"]

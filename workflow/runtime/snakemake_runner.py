@@ -7,7 +7,14 @@ process-global state) and lets the caller stop it cleanly.
 
 from __future__ import annotations
 
-__all__ = ["SnakemakeRun", "resolve_profile", "run_snakemake", "snakemake_command", "snakemake_entry"]
+__all__ = [
+    "SnakemakeRun",
+    "is_kubernetes_profile",
+    "resolve_profile",
+    "run_snakemake",
+    "snakemake_command",
+    "snakemake_entry",
+]
 
 import dataclasses
 import logging
@@ -17,7 +24,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from workflow.core.config import PROJECT_ROOT
+from workflow.core.config import PROJECT_ROOT, load_yaml
 
 _log = logging.getLogger(__name__)
 
@@ -38,13 +45,22 @@ def resolve_profile(profile: str | Path) -> Path:
     return profile if profile.is_absolute() else PROJECT_ROOT / profile
 
 
+def is_kubernetes_profile(profile: str | Path) -> bool:
+    """Return whether a profile runs jobs as Kubernetes Jobs (its ``executor: kubernetes``).
+
+    By the profile's own setting, not its name: ``profiles/k8s`` and ``profiles/k8s-pvc`` both do.
+    """
+    settings = load_yaml(resolve_profile(profile) / "config.yaml")
+    return settings.get("executor") == "kubernetes"
+
+
 def snakemake_entry(profile: str | Path) -> list[str]:
     """Return the ``python`` arguments that start Snakemake for a profile.
 
-    The k8s entry point is Snakemake's own main with the kubernetes executor told
-    not to pip-install storage plugins in every pod (`workflow.runtime.k8s_executor`).
+    The Kubernetes entry point is Snakemake's own main with the kubernetes executor
+    replaced by the batched one (`workflow.runtime.k8s_executor`).
     """
-    return ["-m", "workflow.runtime.k8s_executor" if resolve_profile(profile).name == "k8s" else "snakemake"]
+    return ["-m", "workflow.runtime.k8s_executor" if is_kubernetes_profile(profile) else "snakemake"]
 
 
 def snakemake_command(
