@@ -447,4 +447,6 @@ class TestPool:
         assert len(done_by_survivor) > len(second) // 2  # it did its own and the killed worker's
         assert pool_run.committed == pool_run.high and sum(pool_run.high.values()) >= 2 * PHASE_VISITS * DETECTORS
         counts = pool_run.statuses[SURVIVOR]["counts"]["work_items"]
-        assert counts["committed"] >= len(done_by_survivor) and counts["taken"] >= len(done_by_survivor)
+        # Every item it took came from the work topic; its commits moved offsets (the whole is checked above:
+        # one commit may carry items the killed worker had finished but not committed).
+        assert counts["taken"] >= len(done_by_survivor) and counts["committed"] >= 1
