@@ -88,7 +88,9 @@ def instance_id(group: str, member: str | None = None) -> str:
     return f"{group}.{socket.gethostname()}{suffix}"
 
 
-def consumer_settings(bootstrap: str, group: str, *, member: str | None = None, **extra: Any) -> dict[str, Any]:
+def consumer_settings(
+    bootstrap: str, group: str, *, member: str | None = None, static: bool = True, **extra: Any
+) -> dict[str, Any]:
     """Return consumer settings: manual commits, earliest for a new group, quick group joins.
 
     A new group starts at the earliest offset: stale next_visits are dropped by
@@ -96,12 +98,13 @@ def consumer_settings(bootstrap: str, group: str, *, member: str | None = None, 
     is lost (Tansu's high watermark is not reliable enough for ``latest``).
     Members are static (`instance_id`, with ``member``): a restarted consumer
     gets its partitions back within seconds, a dead one holds them for at most
-    ``session.timeout.ms``.
+    ``session.timeout.ms``.  ``static=False``: a dynamic member (no
+    ``group.instance.id``), for groups whose dead members' partitions must move on.
     """
     return {
         "bootstrap.servers": bootstrap,
         "group.id": group,
-        "group.instance.id": instance_id(group, member),
+        **({"group.instance.id": instance_id(group, member)} if static else {}),
         "auto.offset.reset": "earliest",
         "enable.auto.commit": False,
         "session.timeout.ms": 3000,

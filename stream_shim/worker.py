@@ -252,19 +252,19 @@ class PoolWorker(StreamShim):
         self, arrivals: RawArrivals, intake_stop: threading.Event, stop_all: threading.Event, submitter: Submitter
     ) -> threading.Thread:
         config = self.config
-        group = config["kafka"].get("worker_group") or "prompt-snake-workers"
-        member = self.worker_id if config["pool"].get("static_membership") else None
+        group = config["kafka"]["worker_group"]
+        static = bool(config["pool"]["static_membership"])
         # roundrobin: consecutive partitions go to different workers (range would give the first worker
         # partitions 0..P/N-1, where a camera of fewer detectors than partitions puts all its items)
-        session_ms = int(float(config["pool"].get("session_timeout_s", 10.0)) * 1000)
+        session_ms = int(float(config["pool"]["session_timeout_s"]) * 1000)
         tuning = {
             "partition.assignment.strategy": "roundrobin",
             "session.timeout.ms": session_ms,
             "heartbeat.interval.ms": max(session_ms // 4, 100),
         }
-        settings = consumer_settings(config["kafka"]["bootstrap"], group, member=member, **tuning)
-        if member is None:
-            del settings["group.instance.id"]
+        settings = consumer_settings(
+            config["kafka"]["bootstrap"], group, member=self.worker_id, static=static, **tuning
+        )
         handler = WorkItemHandler(
             config,
             submitter=submitter,
