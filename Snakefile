@@ -32,6 +32,11 @@ include: "rules/ingest.smk"
 include: "rules/pipeline.smk"
 include: "rules/export.smk"
 include: "rules/apdb.smk"
+include: "rules/report.smk"
+
+
+# The night report (make report): snakemake --report report.html all night_report
+report: "report/workflow.rst"
 
 
 rule all:

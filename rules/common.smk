@@ -65,7 +65,18 @@ wildcard_constraints:
 
 
 def all_targets():
-    """done.json of every visit file present for the configured instrument."""
+    """done.json of every visit file present for the configured instrument.
+
+    With a remote default storage (profiles/k8s) the visit files are on S3, not in the
+    local visits/ directory: name the targets then (listing the local directory would
+    offer targets that are not the run's).
+    """
+    if workflow.storage_settings.default_storage_provider is not None:
+        logger.warning(
+            "target all lists no visit files (they are on the default storage): "
+            "name the targets, e.g. snakemake --profile profiles/k8s -n -- results/.../done.json"
+        )
+        return []
     return [
         f"{config['paths']['results']}/{INSTRUMENT}/{day_obs}/{group}/{detector}/done.json"
         for day_obs, group, detector in existing_visit_files(

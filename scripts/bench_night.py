@@ -64,6 +64,7 @@ from stream_shim.testbed.night_sampler import ProcessSampler, shim_roles
 from stream_shim.testbed.night_standin import COST_MODELS, CostModel, write_standin_snakefile
 from workflow.core.config import PROJECT_ROOT, load_config
 from workflow.core.instrument import Instrument
+from workflow.stages.ingest import poll_interval
 
 _log = logging.getLogger("bench_night")
 
@@ -202,7 +203,7 @@ def _run(args: argparse.Namespace, cost: CostModel) -> dict[str, Any]:
         workdir / "night" / "Snakefile",
         cost,
         paths=base["paths"],
-        poll_s=float(base["ingest"]["poll_interval_s"]),
+        poll_s=poll_interval(base["ingest"], indexed=True),
         raw_timeout_s=raw_timeout_s,
     )
     overrides: dict[str, Any] = {"active_detectors": {"default": False, "overrides": {str(d): True for d in chosen}}}

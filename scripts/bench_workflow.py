@@ -9,21 +9,32 @@ It is split into job start-up (Snakemake's benchmark of each job minus the stage
 own seconds) and idle cores (start-up of Snakemake and of the warm stage server,
 scheduling gaps, and the one idle core of a single sequential chain).  Prints JSON.
 
-Usage: python scripts/bench_workflow.py [--counts 1 9 189] [--dir DIR] [--scale 0.05]
+``--profile profiles/slurm`` runs the same targets as sbatch jobs (one per chain) on a
+single-node SLURM cluster this script starts in ``DIR`` (`stream_shim.testbed.slurm_cluster`),
+unless ``SLURM_CONF`` already names one.  Each run also reports the CPU (user, sys) and
+peak RSS of the submitting Snakemake and its children (on SLURM the jobs are not its
+children: see ``machine_cpu_s``, all of the machine's CPU during the run) and the load
+average.
+
+Usage: python scripts/bench_workflow.py [--counts 1 9 189] [--dir DIR] [--scale 0.05] [--profile profiles/local]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import resource
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import yaml
 
+from stream_shim.testbed.slurm_cluster import SlurmCluster
 from workflow.core.buckets import open_bucket
 from workflow.core.config import instrument_config_path, load_config
 from workflow.core.instrument import instrument_for_run
@@ -32,7 +43,7 @@ from workflow.core.visit import CoordSys, Dome, NextVisit, RotSys
 from workflow.outcomes.metrics import read_benchmarks
 from workflow.outcomes.summary import collect_outcomes
 from workflow.runtime.replay import write_visit_files
-from workflow.runtime.snakemake_runner import run_snakemake
+from workflow.runtime.snakemake_runner import resolve_profile, run_snakemake
 from workflow.sim.demo_repo import build_demo_repo
 from workflow.sim.exposures import exposure_from_visit
 from workflow.sim.simulate import simulate_raw
@@ -104,17 +115,26 @@ def _upload_raws(config: dict, visit: NextVisit, detectors: list[int]) -> None:
         bucket.put(sidecar_key(key), json.dumps(raw.sidecar()).encode())
 
 
-def _measure(config: dict, files: list[Path], run_dir: Path, count: int, index: int) -> dict:
+def _machine_cpu_s() -> float:
+    """User + system CPU seconds of the whole machine so far (/proc/stat), all processes."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return (int(fields[0]) + int(fields[1]) + int(fields[2])) / os.sysconf("SC_CLK_TCK")
+
+
+def _measure(config: dict, files: list[Path], run_dir: Path, count: int, index: int, profile: str) -> dict:
     detectors = [d.id for d in instrument_for_run(config).active_detectors()][:count]
     visit = _visit(f"2026-11-28T02:00:00.{index:03d}", config["filters"][2]["physical_filter"])
     _upload_raws(config, visit, detectors)
     targets = write_visit_files(config, visit, detectors)
+    before, machine_before = resource.getrusage(resource.RUSAGE_CHILDREN), _machine_cpu_s()
     run = run_snakemake(
         [str(t.done_file) for t in targets],
+        profile=profile,
         configfiles=[instrument_config_path(INSTRUMENT), *files],
         directory=run_dir,
         log_file=run_dir / f"snakemake-{count}.log",
     )
+    after, machine_after = resource.getrusage(resource.RUSAGE_CHILDREN), _machine_cpu_s()
     records = [r for r in collect_outcomes(run_dir / "results", INSTRUMENT) if r.group == visit.groupId]
     in_steps = sum(sum(v for v in r.stage_seconds.values() if v) for r in records)
     in_jobs = sum(
@@ -133,7 +153,32 @@ def _measure(config: dict, files: list[Path], run_dir: Path, count: int, index: 
         # where it goes: job start-up around each stage, and cores idle between jobs
         "job_startup_per_target_s": round((in_jobs - in_steps) / count, 2),
         "idle_core_s_per_target": round((run.seconds * cores - in_jobs) / count, 2),
+        "submitter_cpu_user_s": round(after.ru_utime - before.ru_utime, 2),
+        "submitter_cpu_sys_s": round(after.ru_stime - before.ru_stime, 2),
+        "submitter_peak_rss_mb": round(after.ru_maxrss / 1024.0, 1),  # largest child so far (this process's)
+        "machine_cpu_s": round(machine_after - machine_before, 1),
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+@contextlib.contextmanager
+def _cluster_for(profile: str, run_dir: Path) -> Iterator[SlurmCluster | None]:
+    """A single-node SLURM cluster for a slurm profile (unless SLURM_CONF names one), else nothing."""
+    settings = yaml.safe_load((resolve_profile(profile) / "config.yaml").read_text())
+    if settings.get("executor") != "slurm" or os.environ.get("SLURM_CONF"):
+        yield None
+        return
+    with SlurmCluster(run_dir / "slurm") as cluster:
+        saved = {k: os.environ.get(k) for k in ("SLURM_CONF", "PATH")}
+        os.environ.update({k: cluster.env[k] for k in saved})
+        try:
+            yield cluster
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def main() -> None:
@@ -141,6 +186,7 @@ def main() -> None:
     parser.add_argument("--counts", type=int, nargs="+", default=[1, 9, 189])
     parser.add_argument("--dir", default=None)
     parser.add_argument("--scale", type=float, default=0.05)
+    parser.add_argument("--profile", default="profiles/local")
     args = parser.parse_args()
     run_dir = Path(args.dir or tempfile.mkdtemp(prefix="bench-workflow-")).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,12 +195,17 @@ def main() -> None:
     config = load_config(instrument=INSTRUMENT, extra_files=files)
     started = time.monotonic()
     build_demo_repo(config["central_repo"], [INSTRUMENT], n_visits=1, scale=args.scale, n_detectors=1, progress=False)
-    report = {
+    report: dict = {
         "instrument": INSTRUMENT,
         "scale": args.scale,
+        "profile": args.profile,
         "repo_build_s": round(time.monotonic() - started, 1),
-        "runs": [_measure(config, files, run_dir, n, i) for i, n in enumerate(args.counts)],
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
     }
+    with _cluster_for(args.profile, run_dir) as cluster:
+        if cluster:
+            report["slurm"] = {"node_cpus": cluster.hardware["CPUs"], "status_command": "squeue"}
+        report["runs"] = [_measure(config, files, run_dir, n, i, args.profile) for i, n in enumerate(args.counts)]
     print(json.dumps(report, indent=2))
     if args.dir is None:
         shutil.rmtree(run_dir, ignore_errors=True)

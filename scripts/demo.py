@@ -4,6 +4,8 @@
    datastore, simulated calibs, refcat, templates and the raws of past visits.
 2. Replay those visits through the Snakemake workflow on profiles/local:
    prep -> ingest -> pipeline -> export -> APDB load (SQLite APDB, alerts to Avro files).
+   The APDB is created first and its ``apdb-cli`` config written to
+   ``demo/apdb/<instrument>.yaml`` (``apdb-cli metadata show demo/apdb/LSSTComCamSim.yaml``).
 3. Print the run summary, read back from the targets' outcome files.
 """
 
@@ -14,6 +16,7 @@ import logging
 import sys
 import time
 
+from workflow.apdb.config_file import default_config_path, write_apdb_config
 from workflow.core.config import PROJECT_ROOT, instrument_config_path, load_config
 from workflow.core.log_setup import configure_logging
 from workflow.outcomes.summary import collect_outcomes, format_summary, summarize
@@ -41,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         seed=config["simulation"]["seed"],
     )
     _log.info("central repo %s ready in %.1f s: %s", config["central_repo"], report["seconds"], report["datasets"])
+    apdb_file = write_apdb_config(config["apdb"], default_config_path(config["apdb"], args.instrument))
+    _log.info("APDB config for apdb-cli: %s", apdb_file)
     batches = replay(
         config,
         instrument_file=instrument_file,

@@ -18,7 +18,8 @@ Logs are JSON lines on stderr (instrument, group, detector as fields).  SIGTERM 
 SIGINT drains: no more next_visits, running targets get ``--grace-s`` seconds,
 then Snakemake is stopped.  Exit status: 0 stopped on request, 1 a consumer
 failed, 69 a service is unavailable at start-up, 75 another shim holds the state
-directory, 78 bad configuration or options.
+directory, 78 bad configuration or options, 76 the central repo, APDB or alert
+schema is of a version this release does not support.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ from typing import Any
 from stream_shim.health import HealthCheckError
 from stream_shim.service import DESIGNS, ShimOptions, StreamShim
 from stream_shim.state_lock import ShimAlreadyRunningError
+from workflow.apdb.store import ApdbVersionError
 from workflow.core.config import load_config
 from workflow.core.exceptions import ConfigError
 from workflow.core.log_setup import configure_logging
 from workflow.core.redact import redact_text
+from workflow.runtime.versions import AlertSchemaVersionError, RepoVersionError
 
 _log = logging.getLogger("stream_shim")
 
@@ -174,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
     except ShimAlreadyRunningError as exc:
         _log.error("%s", exc)
         return 75
+    except (RepoVersionError, AlertSchemaVersionError, ApdbVersionError) as exc:
+        _log.error("%s", exc)
+        print(f"stream_shim: {redact_text(str(exc))}", file=sys.stderr)
+        return 76
     except (ConfigError, ValueError) as exc:
         _log.error("%s", exc)
         return 78

@@ -8,7 +8,8 @@ assignment, stalls behind new messages or sees repeated broker errors; the
 loop's members are static (``group.instance.id``, `consumer_settings`), so a
 consumer that stops before its assignment does not wedge the group.
 
-`VisitGate` is the door: decode (JSON or Avro, `workflow.core.visit.decode_next_visit`),
+`VisitGate` is the door: decode (JSON or Avro, `workflow.core.visit.decode_next_visit`; the
+writer schema of framed Avro by its id, `workflow.core.schema_registry.schema_source`),
 check (`workflow.core.visit.check_usable`), fan out to the active detectors with every
 visit file's path inside the run directory; anything unusable is logged, counted by
 reason and skipped.  What happens to a usable visit is its subclass's `accept`:
@@ -52,6 +53,7 @@ from workflow.core.exceptions import (
     UnknownInstrumentError,
 )
 from workflow.core.log_fields import shorten
+from workflow.core.schema_registry import UnknownSchemaError, schema_source
 from workflow.core.visit import CoordSys, DetectorVisit, NextVisit, RotSys, check_usable, decode_next_visit
 from workflow.stages.target import TargetPaths
 
@@ -109,6 +111,10 @@ def consumer_settings(
         "enable.auto.commit": False,
         "session.timeout.ms": 3000,
         "heartbeat.interval.ms": 750,
+        # A fetch returns within 50 ms when nothing new came: Tansu answers an empty fetch
+        # only at this deadline (librdkafka's 500 ms default; measured ~150 ms per hop),
+        # and a raw crosses two consumers (filer bridge, arrival index) before ingest sees it.
+        "fetch.wait.max.ms": 50,
         "logger": KafkaLog(),
         **extra,
     }
@@ -304,7 +310,8 @@ class VisitGate:
     Parameters
     ----------
     config : `~collections.abc.Mapping`
-        Merged configuration (``paths``, ``visit.max_age_s``, ``visit.max_start_age_s``).
+        Merged configuration (``paths``, ``visit.max_age_s``, ``visit.max_start_age_s``,
+        ``kafka.schema_registry_url`` or ``kafka.schema_dir``: writer schemas of framed Avro).
     detectors : sequence of `int`
         The instrument's active detectors.
     status : `stream_shim.status.ShimStatus`
@@ -321,6 +328,7 @@ class VisitGate:
         self.max_age_s = float(config["visit"]["max_age_s"])
         self.max_start_age_s = float(config["visit"]["max_start_age_s"])
         self.known = known_instruments()
+        self.schemas = schema_source(config, base_dir=self.workdir)
 
     def __call__(self, message: Any) -> None:
         """Handle one Kafka message."""
@@ -332,8 +340,12 @@ class VisitGate:
     ) -> str:
         """Handle one message value; return what happened (`accept`'s outcome or the drop reason).
 
+        A schema registry that cannot be reached raises
+        `workflow.core.schema_registry.SchemaRegistryUnavailableError` (retried by the loop).
+
         Drop reasons: ``malformed`` (not JSON/Avro, a field missing or mistyped,
-        nested too deeply), ``invalid_group``, ``invalid_instrument``,
+        nested too deeply), ``unknown_schema`` (framed Avro whose schema id neither
+        the registry nor the schema files know), ``invalid_group``, ``invalid_instrument``,
         ``invalid_detector``, ``invalid_day_obs`` (a value that becomes a path does
         not match `workflow.core.identifiers`), ``unknown_instrument``,
         ``not_icrs``, ``not_sky_rotation``, ``stale``, ``stale_start``,
@@ -343,9 +355,11 @@ class VisitGate:
         if value is None:
             return self._drop("malformed", f"{where}: empty message")
         try:
-            visit = decode_next_visit(value)
+            visit = decode_next_visit(value, schemas=self.schemas)
         except InvalidIdentifier as exc:
             return self._drop(exc.reason, f"{where}: {exc}")
+        except UnknownSchemaError as exc:
+            return self._drop("unknown_schema", f"{where}: {exc}", {"schema_id": exc.schema_id})
         except InvalidVisit as exc:
             return self._drop("malformed", f"{where}: {exc}")
         context = {"instrument": visit.instrument, "group": visit.groupId}

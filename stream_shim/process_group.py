@@ -13,7 +13,15 @@ otherwise an old job and its rerun could run one target at the same time.
 
 from __future__ import annotations
 
-__all__ = ["ChildRegistry", "spawn", "stop_group", "signal_group", "group_members", "process_start_ticks"]
+__all__ = [
+    "ChildRegistry",
+    "spawn",
+    "stop_group",
+    "signal_group",
+    "group_members",
+    "process_start_time",
+    "process_start_ticks",
+]
 
 import ctypes
 import json
@@ -27,34 +35,40 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
+import psutil
+
 _log = logging.getLogger(__name__)
 
 _PR_SET_PDEATHSIG = 1
 
 
-def process_start_ticks(pid: int) -> int | None:
-    """Return the start time of a live process (clock ticks since boot), or `None` if it is gone."""
+def process_start_time(pid: int) -> float | None:
+    """Return when a live process started (seconds since the epoch, `psutil`), or `None` if it is gone.
+
+    A zombie counts as gone: it runs nothing and only waits to be reaped.
+    """
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return process.create_time()
+    except psutil.Error:  # NoSuchProcess, AccessDenied, ZombieProcess
         return None
-    if fields[0] in ("Z", "X"):
-        return None
-    return int(fields[19])
+
+
+process_start_ticks = process_start_time
+"""Former name of `process_start_time` (kept for callers of the /proc-parsing version)."""
 
 
 def group_members(pgid: int) -> set[int]:
     """Return the live (non-zombie) processes whose process group is ``pgid``."""
     members = set()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for process in psutil.process_iter():
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
+            if process.status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD) and os.getpgid(process.pid) == pgid:
+                members.add(process.pid)
+        except (psutil.Error, ProcessLookupError):
             continue
-        if fields[0] not in ("Z", "X") and int(fields[2]) == pgid:
-            members.add(int(entry.name))
     return members
 
 
@@ -83,13 +97,13 @@ class ChildRegistry:
         self.path = Path(path)
         self._lock = threading.Lock()
 
-    def _load(self) -> dict[str, int | None]:
+    def _load(self) -> dict[str, float | None]:
         try:
             return {str(k): v for k, v in json.loads(self.path.read_text()).items()}
         except (OSError, ValueError, AttributeError):
             return {}
 
-    def _save(self, groups: dict[str, int | None]) -> None:
+    def _save(self, groups: dict[str, float | None]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(json.dumps(groups))
@@ -99,7 +113,7 @@ class ChildRegistry:
         """Record a new process group (its leader's pid and start time)."""
         with self._lock:
             groups = self._load()
-            groups[str(pid)] = process_start_ticks(pid)
+            groups[str(pid)] = process_start_time(pid)
             self._save(groups)
 
     def remove(self, pid: int) -> None:
@@ -119,11 +133,11 @@ class ChildRegistry:
         with self._lock:
             groups = self._load()
             victims: set[int] = set()
-            for text, ticks in groups.items():
+            for text, started in groups.items():
                 pid = int(text)
                 members = group_members(pid)
-                leader_ticks = process_start_ticks(pid)
-                if pid in members and ticks is not None and leader_ticks != ticks:
+                leader_started = process_start_time(pid)
+                if pid in members and started is not None and leader_started != started:
                     members.discard(pid)
                 victims |= members
             for pid in victims:
@@ -140,7 +154,7 @@ class ChildRegistry:
 
 def _wait_gone(pids: set[int], timeout_s: float) -> bool:
     deadline = time.monotonic() + timeout_s
-    while any(process_start_ticks(p) is not None for p in pids):
+    while any(process_start_time(p) is not None for p in pids):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.05)

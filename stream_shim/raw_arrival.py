@@ -8,7 +8,9 @@ raws of this instrument in the raw bucket whose object still exists are recorded
 in the `workflow.core.arrivals.ArrivalIndex`, where ingest finds them.  Everything else
 is counted by reason (category ``raw_notification``) and skipped: sidecars
 (``.json``), other buckets, keys of another layout or instrument, unknown
-detectors, objects gone by the time we look, malformed messages.
+detectors, inactive detectors (``inactive_detector``: e.g. LSSTCam's corner sensors,
+which a config override can make active), objects gone by the time we look, malformed
+messages.
 
 `RawArrivals.check_early` is the early-arrival check made when a visit is
 accepted during the first minutes of a shim run: it lists the bucket for raws
@@ -183,9 +185,12 @@ class RawArrivals:
         if detector_key is None:  # the key template names no detector
             return self._skip("unknown_detector", event, logging.WARNING)
         try:
-            detector = self.instrument.detector(detector_key).id
+            found = self.instrument.detector(detector_key)
         except (KeyError, ValueError, TypeError):
             return self._skip("unknown_detector", event, logging.WARNING)
+        if not found.active:  # e.g. LSSTCam's corner guiders and wavefront sensors: no target waits for it
+            return self._skip("inactive_detector", event)
+        detector = found.id
         if check_exists:
             try:
                 exists = self.bucket.exists(key)

@@ -32,6 +32,7 @@ from typing import IO, Any
 from stream_shim.backends import Backend, StreamingBackend, SubprocessPoolBackend
 from stream_shim.bridge import bridge_for_config
 from stream_shim.consumer import ConsumeLoop, NextVisitHandler, consumer_settings
+from stream_shim.export_writer_child import ExportWriterChild, live_export_overrides, wants_export_writer
 from stream_shim.health import run_health_checks
 from stream_shim.journal import AcceptedVisit, VisitJournal
 from stream_shim.process_group import ChildRegistry
@@ -41,7 +42,13 @@ from stream_shim.retry_policy import RetryPolicy
 from stream_shim.state_lock import take_state_lock
 from stream_shim.status import ShimStatus, StatusServer, StatusWriter
 from stream_shim.submission import Submitter
-from stream_shim.target_store import PathOutsideRunDirError, TargetStore, contained_path, store_for_profile
+from stream_shim.target_store import (
+    LocalStore,
+    PathOutsideRunDirError,
+    TargetStore,
+    contained_path,
+    store_for_profile,
+)
 from workflow.core.arrivals import ENV_VAR, ArrivalIndex
 from workflow.core.buckets import open_bucket
 from workflow.core.config import instrument_config_path
@@ -49,6 +56,7 @@ from workflow.core.exceptions import InvalidIdentifier
 from workflow.core.identifiers import check_identifier
 from workflow.core.instrument import instrument_for_run
 from workflow.runtime.snakemake_runner import is_kubernetes_profile, snakemake_command, snakemake_entry
+from workflow.runtime.versions import check_startup
 from workflow.stages.records import FailedRecord
 from workflow.stages.target import TargetPaths
 
@@ -150,6 +158,8 @@ class StreamShim:
         )
         self._lock_file: IO[str] | None = None
         self.submitter: Submitter | None = None
+        self.export_writer: ExportWriterChild | None = None
+        self._live_configfiles: list[Path] = []  # the shim's own config layers (batched export)
 
     # -- pieces -------------------------------------------------------------------------
 
@@ -172,16 +182,40 @@ class StreamShim:
             flags += ["--default-storage-prefix", self.options.storage_prefix]
         if self.options.storage_endpoint_url:
             flags += ["--storage-s3-endpoint-url", self.options.storage_endpoint_url]
-        configfiles = [instrument_config_path(self.config["instrument"]["name"]), *self.options.config_files]
         return snakemake_command(
             list(targets),
             profile=self.options.profile,
             snakefile=snakefile or self.options.snakefile,
             entry=entry,
-            configfiles=configfiles,
+            configfiles=self._configfiles(),
             directory=self.workdir,
             extra=flags,
         )
+
+    def _configfiles(self) -> list[Path]:
+        """Config files of the shim's Snakemakes (and writer): instrument, extra files, the shim's layers."""
+        instrument_file = instrument_config_path(self.config["instrument"]["name"])
+        return [Path(instrument_file), *self.options.config_files, *self._live_configfiles]
+
+    def _start_export_writer(self) -> None:
+        """With ``export.mode`` auto or batched and a local spool: batched export and the node's writer."""
+        if not wants_export_writer(self.config, local_store=isinstance(self.store, LocalStore)):
+            return
+        from workflow.stages.export import spool_dir
+
+        own = self._own_export_spool()
+        self._live_configfiles = [live_export_overrides(self.state_dir, own)]
+        spool = own or spool_dir(self.config)
+        self.export_writer = ExportWriterChild(
+            self._configfiles(),
+            workdir=self.workdir,
+            spool=spool if spool.is_absolute() else self.workdir / spool,
+            log_path=self.state_dir / "logs" / "export-writer.log",
+            registry=self.registry,
+            status=self.status,
+            env=self._child_env(),
+        )
+        self.export_writer.start()
 
     # -- hooks of the roles (`stream_shim.worker.PoolWorker` overrides them) ----------------
 
@@ -190,6 +224,10 @@ class StreamShim:
 
     def _before_health_checks(self) -> None:
         """Start-up work before the health checks (the worker creates the work topic)."""
+
+    def _own_export_spool(self) -> Path | None:
+        """A spool of this process's own for batched export (`None`: ``export.spool_dir``, the node's)."""
+        return None
 
     def _child_env(self) -> dict[str, str]:
         """Environment of the Snakemake children: the shim's, plus where the arrival index is."""
@@ -386,7 +424,9 @@ class StreamShim:
         self._before_health_checks()
         if self.options.health_check:
             run_health_checks(self.config, workdir=self.workdir, topics=self._health_topics())
+            check_startup(self.config, base_dir=self.workdir)  # APDB, dimension universe, alert schema versions
         self.index.prune(_ARRIVALS_KEEP_S)
+        self._start_export_writer()
         writer_stop = threading.Event()
         writer = StatusWriter(self.status, self.state_dir / "status.json", writer_stop)
         writer.start()
@@ -402,6 +442,7 @@ class StreamShim:
             poll_s=2.0 if self.k8s else 0.5,
             retry=RetryPolicy.from_config(self.config),
             retry_backend=self._retry_lane(),
+            max_in_flight=self.config["submission"].get("max_in_flight"),
         )
         submitter.backend = self._backend(functools.partial(submitter.unfinished, first_attempts_only=True))
         submitter.start()
@@ -455,6 +496,8 @@ class StreamShim:
         stop_all.set()
         for loop in loops:
             loop.join(timeout=10.0)
+        if self.export_writer is not None:
+            self.export_writer.stop(grace_s=self.options.grace_s)
         left = submitter.unfinished()
         self.status.state = "stopped"
         _log.info("stopped; %d unfinished target(s) stay in the journal for the next run", len(left))

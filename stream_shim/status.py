@@ -3,7 +3,7 @@
 `ShimStatus` is shared by the shim's threads (every method is thread-safe).  It
 is written as a JSON status file every second (`StatusWriter`) and can be served
 over HTTP (`StatusServer`: ``/status`` JSON, ``/metrics`` in the Prometheus text
-format, ``/healthz``).
+format rendered by `prometheus_client` from the status's own registry, ``/healthz``).
 """
 
 from __future__ import annotations
@@ -19,9 +19,12 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric, SummaryMetricFamily
 
 from workflow.core.redact import redact_text
 
@@ -59,9 +62,13 @@ class ShimStatus:
         self._latencies: dict[str, collections.deque[float]] = collections.defaultdict(
             lambda: collections.deque(maxlen=_LATENCY_WINDOW)
         )
+        self._latency_totals: dict[str, list[float]] = collections.defaultdict(lambda: [0, 0.0])  # count, sum
         self._gauges: dict[str, Callable[[], Mapping[str, int]]] = {}
         self._conditions: dict[str, tuple[str, str]] = {}
         self.state = "starting"
+        # One registry per status (per process): /metrics shows this shim's families only.
+        self._registry = CollectorRegistry(auto_describe=False)
+        self._registry.register(self)
 
     def set_condition(self, name: str, level: str | None, detail: str = "") -> None:
         """Raise (``level`` ``"degraded"`` or ``"unhealthy"``) or clear (`None`) a named health condition.
@@ -106,6 +113,9 @@ class ShimStatus:
         """Record one latency sample of ``name`` (e.g. ``submit_to_outcome``)."""
         with self._lock:
             self._latencies[name].append(float(seconds))
+            totals = self._latency_totals[name]
+            totals[0] += 1
+            totals[1] += float(seconds)
 
     def gauge(self, name: str, provider: Callable[[], Mapping[str, int]]) -> None:
         """Register a function giving current values (e.g. targets by state) under ``name``."""
@@ -146,38 +156,50 @@ class ShimStatus:
         }
 
     def prometheus(self) -> str:
-        """Return the counts, gauges and latency quantiles in the Prometheus text format."""
+        """Return the counts, gauges and latencies in the Prometheus text format (`prometheus_client`)."""
+        return generate_latest(self._registry).decode()
+
+    def collect(self) -> Iterator[Metric]:
+        """Yield the metric families (the `prometheus_client` collector protocol).
+
+        ``prompt_snake_shim_latency_seconds`` is a summary: ``_count`` and ``_sum`` over
+        every sample since start, quantiles over the latest samples.
+        """
         snap = self.snapshot()
-        lines = [
-            "# HELP prompt_snake_shim_events_total Events handled by the stream shim, by category and reason.",
-            "# TYPE prompt_snake_shim_events_total counter",
-        ]
+        events = CounterMetricFamily(
+            "prompt_snake_shim_events",
+            "Events handled by the stream shim, by category and reason.",
+            labels=["category", "reason"],
+        )
         for category, reasons in snap["counts"].items():
             for reason, value in reasons.items():
-                lines.append(
-                    f'prompt_snake_shim_events_total{{category="{_esc(category)}",reason="{_esc(reason)}"}} {value}'
-                )
-        lines += [
-            "# HELP prompt_snake_shim_gauge Current values (targets by state, ...).",
-            "# TYPE prompt_snake_shim_gauge gauge",
-        ]
+                events.add_metric([category, reason], value)
+        yield events
+        gauge = GaugeMetricFamily(
+            "prompt_snake_shim_gauge", "Current values (targets by state, ...).", labels=["name", "key"]
+        )
         for name, values in snap["gauges"].items():
             for key, value in values.items():
                 if isinstance(value, (int, float)):
-                    lines.append(f'prompt_snake_shim_gauge{{name="{_esc(name)}",key="{_esc(key)}"}} {value}')
-        lines += [
-            "# HELP prompt_snake_shim_latency_seconds Latency quantiles over the latest samples.",
-            "# TYPE prompt_snake_shim_latency_seconds summary",
-        ]
+                    gauge.add_metric([name, key], value)
+        yield gauge
+        latency = SummaryMetricFamily(
+            "prompt_snake_shim_latency_seconds",
+            "Latencies; quantiles over the latest samples.",
+            labels=["name"],
+        )
+        with self._lock:
+            totals = {name: tuple(pair) for name, pair in self._latency_totals.items()}
         for name, stats in snap["latencies"].items():
+            count, total = totals.get(name, (stats["count"], 0.0))
+            latency.add_metric([name], count_value=count, sum_value=total)
             for quantile, key in (("0.5", "p50_s"), ("0.95", "p95_s")):
                 if stats[key] is not None:
-                    lines.append(
-                        f'prompt_snake_shim_latency_seconds{{name="{_esc(name)}",quantile="{quantile}"}} {stats[key]}'
+                    latency.add_sample(
+                        "prompt_snake_shim_latency_seconds", {"name": name, "quantile": quantile}, stats[key]
                     )
-            lines.append(f'prompt_snake_shim_latency_seconds_count{{name="{_esc(name)}"}} {stats["count"]}')
-        lines.append(f"prompt_snake_shim_uptime_seconds {snap['uptime_s']}")
-        return "\n".join(lines) + "\n"
+        yield latency
+        yield GaugeMetricFamily("prompt_snake_shim_uptime_seconds", "Seconds since the shim started.", snap["uptime_s"])
 
     def write(self, path: str | Path) -> None:
         """Write the snapshot to ``path`` atomically (temporary file, then rename)."""
@@ -190,10 +212,6 @@ class ShimStatus:
 
 def _round(value: float | None) -> float | None:
     return None if value is None else round(value, 3)
-
-
-def _esc(text: str) -> str:
-    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", " ")
 
 
 class StatusWriter(threading.Thread):
@@ -234,7 +252,7 @@ class StatusServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def do_GET(self) -> None:  # noqa: N802 - the http.server API
                 if self.path.startswith("/metrics"):
-                    body, kind = shim_status.prometheus().encode(), "text/plain; version=0.0.4"
+                    body, kind = shim_status.prometheus().encode(), CONTENT_TYPE_LATEST
                 elif self.path.startswith("/status"):
                     body, kind = json.dumps(shim_status.snapshot(), indent=1).encode(), "application/json"
                 elif self.path.startswith("/healthz"):

@@ -10,6 +10,10 @@
   flight, and records submit-to-outcome latency; a target whose run ended (or
   whose job Snakemake reported failed) without an outcome file is failed as
   ``NoOutcome`` after a short delay;
+- admission (``max_in_flight``): beyond that many targets in flight, a visit's new
+  targets wait in a first-in first-out queue (counted ``held``) and enter as older
+  ones end, so under overload the oldest visits, whose alerts are due first,
+  finish first, and no target already started waits behind a newer one;
 - retry (`stream_shim.retry_policy.RetryPolicy`): a target failed retriably, or
   without an outcome, stays in flight and is submitted again after a back-off,
   its stale ``failed.json`` removed first; each retry is counted
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 __all__ = ["Submitter", "SubmitResult", "target_key"]
 
+import collections
 import dataclasses
 import logging
 import threading
@@ -98,6 +103,9 @@ class Submitter:
         When failed targets are submitted again (default: never).
     retry_backend : `stream_shim.backends.Backend`, optional
         Where retries go (default: ``backend``); started and drained with it.
+    max_in_flight : `int`, optional
+        Admission: most targets in flight (submitted to a backend, no outcome yet);
+        newer ones wait their turn.  Default: no limit.
     """
 
     def __init__(
@@ -110,7 +118,13 @@ class Submitter:
         poll_s: float = 0.5,
         retry: RetryPolicy | None = None,
         retry_backend: Backend | None = None,
+        max_in_flight: int | None = None,
     ) -> None:
+        if max_in_flight is not None and max_in_flight < 1:
+            raise ValueError(f"max_in_flight {max_in_flight}: expected at least 1 (or None: no limit)")
+        self.max_in_flight = max_in_flight
+        self._held: collections.deque[tuple[str, str]] = collections.deque()  # (batch id, target), oldest first
+        self._held_set: set[str] = set()
         self.backend: Backend | None
         self.backend, self.status, self.workdir, self.poll_s = backend, status, Path(workdir), poll_s
         self.store: TargetStore = store if store is not None else LocalStore(self.workdir)
@@ -170,11 +184,10 @@ class Submitter:
             Name of the batch (the group id) for logs.
         """
         fresh, done, failed, flying = [], [], [], []
-        now = time.time()
         with self._lock:
             for paths in targets:
                 target = str(paths.done_file)
-                if target in self._flight:
+                if target in self._flight or target in self._held_set:
                     flying.append(target)
                 elif self.store.exists(paths.done_file):
                     done.append(target)
@@ -182,23 +195,53 @@ class Submitter:
                     failed.append(target)
                 else:
                     fresh.append(target)
-                    self._flight[target] = _InFlight(
-                        target, batch_id, now, ends_pending=int(_reports_ends(self.backend))
-                    )
-                    self._by_key[target_key(target)] = target
+                    self._held.append((batch_id, target))
+                    self._held_set.add(target)
                     self._gave_up.discard(target)
-            self._totals["submitted"] += len(fresh)
         for reason, items in (
-            ("submitted", fresh),
             ("already_done", done),
             ("already_failed", failed),
             ("already_in_flight", flying),
         ):
             if items:
                 self.status.count("targets", reason, len(items))
-        if fresh and self.backend is not None:
-            self.backend.submit(Batch(batch_id, tuple(fresh)))
+        self._admit()
+        with self._lock:
+            waiting = len(self._held_set.intersection(fresh))
+        if waiting:  # counted once per target: it waits for older visits' targets to end
+            self.status.count("targets", "held", waiting)
+            _log.warning(
+                "admission: %d of %d target(s) of %s held: in flight is at submission.max_in_flight (%d)",
+                waiting,
+                len(fresh),
+                batch_id,
+                self.max_in_flight,
+            )
         return SubmitResult(tuple(fresh), tuple(done), tuple(failed), tuple(flying))
+
+    def _admit(self) -> None:
+        """Submit held targets, oldest first, while there is room in flight (a batch per visit)."""
+        batches: dict[str, list[str]] = {}
+        with self._lock:
+            room = len(self._held) if self.max_in_flight is None else self.max_in_flight - len(self._flight)
+            now = time.time()
+            while self._held and room > 0:
+                batch_id, target = self._held.popleft()
+                self._held_set.discard(target)
+                self._flight[target] = _InFlight(target, batch_id, now, ends_pending=int(_reports_ends(self.backend)))
+                self._by_key[target_key(target)] = target
+                batches.setdefault(batch_id, []).append(target)
+                room -= 1
+            admitted = sum(len(b) for b in batches.values())
+            self._totals["submitted"] += admitted
+            held = len(self._held)
+        if admitted:
+            self.status.count("targets", "submitted", admitted)
+            if held:
+                _log.info("admission: %d target(s) submitted, %d still held until older ones end", admitted, held)
+        if self.backend is not None:
+            for batch_id, batch in batches.items():
+                self.backend.submit(Batch(batch_id, tuple(batch)))
 
     def unfinished(self, *, first_attempts_only: bool = False) -> list[str]:
         """Return the targets in flight (submitted, no outcome yet; retries included).
@@ -210,9 +253,11 @@ class Submitter:
             restarted streaming Snakemake is fed again.
         """
         with self._lock:
-            if not first_attempts_only or self.retry_backend is None:
+            if first_attempts_only and self.retry_backend is not None:
+                return sorted(t for t, item in self._flight.items() if item.attempt == 1 and item.retry_at is None)
+            if first_attempts_only:  # what a restarted backend is fed: not the held ones, never submitted
                 return sorted(self._flight)
-            return sorted(t for t, item in self._flight.items() if item.attempt == 1 and item.retry_at is None)
+            return sorted([*self._flight, *self._held_set])
 
     def ended(self, target: str) -> bool:
         """Return whether ``target`` ended for good: not in flight, and done or failed.
@@ -228,7 +273,7 @@ class Submitter:
             The target (``results/.../done.json``), as submitted.
         """
         with self._lock:
-            if target in self._flight or target in self._cut_short:
+            if target in self._flight or target in self._held_set or target in self._cut_short:
                 return False
             if target in self._gave_up:
                 return True
@@ -240,7 +285,13 @@ class Submitter:
         with self._lock:
             processes = sum(b.processes() for b in (self.backend, self.retry_backend) if b is not None)
             retrying = sum(item.retry_at is not None for item in self._flight.values())
-            return {"in_flight": len(self._flight), "backing_off": retrying, "processes": processes, **self._totals}
+            return {
+                "in_flight": len(self._flight),
+                "held": len(self._held),
+                "backing_off": retrying,
+                "processes": processes,
+                **self._totals,
+            }
 
     # -- outcomes -----------------------------------------------------------------------
 
@@ -305,6 +356,8 @@ class Submitter:
             self._finish(item, state, detail)
         if due:
             self._resubmit(due)
+        if not stopping:
+            self._admit()
 
     def _log_extra(self, item: _InFlight, **fields: object) -> dict[str, object]:
         instrument, _, group, detector = target_key(item.target)

@@ -235,6 +235,10 @@ class PoolWorker(StreamShim):
     def _child_env(self) -> dict[str, str]:
         return {**super()._child_env(), SOCKET_ENV: str(self.stage_socket)}
 
+    def _own_export_spool(self) -> Path:
+        # Workers may share a run directory (one claim for the pool): each writer its own spool.
+        return self.state_dir / "export-spool"
+
     def _resume(self, submitter: Submitter) -> int:
         """Resume nothing: Kafka redelivers the uncommitted items (see the module docstring)."""
         visits = self.journal.load()

@@ -22,10 +22,12 @@ from lsst.dax.apdb import Apdb
 
 from stream_shim.testbed.local_services import KafkaBroker, free_port
 from workflow.apdb.alerts import (
+    DEFAULT_SCHEMA,
     SCHEMA_ID,
     SCHEMA_VERSION,
     AlertBuildError,
     AlertDeliveryError,
+    AlertSchema,
     AvroFileAlertSink,
     CutoutMaker,
     KafkaAlertSink,
@@ -41,6 +43,7 @@ from workflow.apdb.association import padded_region
 from workflow.apdb.load import associate_store_alert
 from workflow.apdb.outbox import AlertOutbox
 from workflow.apdb.store import create_apdb, open_apdb, preload
+from workflow.core.config import known_instruments, load_config
 from workflow.core.exceptions import RetriableError
 
 RA, DEC, DETECTOR = 30.0, -10.0, 9
@@ -179,10 +182,58 @@ def _poll(consumer: Consumer, seconds: float) -> list[bytes]:
 class TestSchema:
     """Tests for the pinned schema of `workflow.apdb.alerts`."""
 
-    def test_pinned_latest_installed(self) -> None:
-        assert SCHEMA_VERSION == get_latest_schema_version() == (11, 1)
-        assert SCHEMA_ID == 1101 == Schema.from_file().get_schema_id()
-        assert alert_schema() is alert_schema()  # parsed once
+    def test_default_is_rubin_production(self) -> None:
+        """Rubin's production stream: 11.0, id 1100, topic lsst-alerts-v11 (11.1 is the installed latest)."""
+        assert SCHEMA_VERSION == (11, 0) and get_latest_schema_version() == (11, 1)
+        production = Schema.from_file(get_schema_path(11, 0) + "/lsst.v11_0.alert.avsc")
+        assert SCHEMA_ID == 1100 == production.get_schema_id() == DEFAULT_SCHEMA.schema_id
+        assert Schema.from_file().get_schema_id() == 1101 == AlertSchema((11, 1)).schema_id
+        assert alert_schema() is alert_schema() is alert_schema((11, 0))  # parsed once
+        config = load_config(instrument="LSSTCam")
+        assert AlertSchema.from_config(config) == DEFAULT_SCHEMA and config["alerts"]["schema_version"] == "11.0"
+        assert config["kafka_topics"]["alerts"] == f"lsst-alerts-v{SCHEMA_VERSION[0]}"
+
+    def test_every_instrument_topic_follows_rubin(self) -> None:
+        """Real-camera alerts go to lsst-alerts-v<major>; simulated ones to Rubin's alerts-simulated."""
+        for name in sorted(known_instruments()):
+            topic = load_config(instrument=name)["kafka_topics"]["alerts"]
+            assert topic == f"lsst-alerts-v{SCHEMA_VERSION[0]}" or topic.startswith("alerts-"), (name, topic)
+
+    def test_configured_schema_and_id(self, tmp_path: Path) -> None:
+        """alerts.schema_version / schema_id choose the schema, its fields, the encoder and the framing."""
+        config = {"kafka": {"bootstrap": None}, "kafka_topics": {"alerts": "x"}}
+        newer = AlertSchema.from_config({**config, "alerts": {"schema_version": "11.1", "schema_id": 7001}})
+        assert newer == AlertSchema((11, 1), 7001) and newer.name == "11.1"
+        with pytest.raises(ValueError, match="expected <major>.<minor>"):
+            AlertSchema.from_config({"alerts": {"schema_version": "v11"}})
+        src = _sources(1, 60100.0, np.random.default_rng(0))
+        src["diaObjectId"] = src["diaSourceId"]
+        src["exposureTime"] = 30.0  # an 11.1 field: 11.0 has no room for it
+        old, new = build_alerts(src, src.iloc[:0]), build_alerts(src, src.iloc[:0], schema=newer)
+        assert "exposureTime" not in old[0]["diaSource"] and new[0]["diaSource"]["exposureTime"] == 30.0
+        payload = serialize_alert(new[0], newer)
+        assert payload[:5] == struct.pack(">bI", 0, 7001) and payload == serialize_alert_fastavro(new[0], newer)
+        assert deserialize_alert(payload, newer)["diaSource"]["exposureTime"] == 30.0
+        with pytest.raises(AlertBuildError, match="schema id 7001; expected 0 and 1100"):
+            deserialize_alert(payload)
+        sink = make_alert_sink({**config, "alerts": {"schema_version": "11.1", "schema_id": None}}, tmp_path / "a.avro")
+        assert sink.schema == AlertSchema((11, 1)) and sink.schema.schema_id == 1101
+        with pytest.raises(AlertBuildError, match="alert schema 11.7 is not in the installed"):
+            build_alerts(src, src.iloc[:0], schema=AlertSchema((11, 7)))
+
+    @pytest.mark.parametrize("version", [(11, 0), (11, 1)])
+    def test_alerts_valid_under_lsst_alert_packet(self, version: tuple[int, int]) -> None:
+        """Every packet decodes with lsst.alert.packet's own schema of its framing id and validates."""
+        schema = AlertSchema(version)
+        major, minor = version
+        theirs = Schema.from_file(get_schema_path(major, minor) + f"/lsst.v{major}_{minor}.alert.avsc")
+        parsed = fastavro.parse_schema(theirs.definition)
+        alerts = _batch(7, 25)
+        for alert in alerts:
+            payload = serialize_alert(dict(alert), schema)
+            assert struct.unpack(">bI", payload[:5]) == (0, theirs.get_schema_id())
+            record = fastavro.schemaless_reader(io.BytesIO(payload[5:]), parsed, None)
+            assert fastavro.validation.validate(record, parsed, raise_errors=True)
 
     def test_missing_required_field(self) -> None:
         src = _sources(1, 60100.0, np.random.default_rng(0)).drop(columns=["bboxSize"])
@@ -211,10 +262,10 @@ class TestSchema:
         src = _sources(1, 60100.0, np.random.default_rng(0))
         src["diaObjectId"] = src["diaSourceId"]
         payload = serialize_alert(build_alerts(src, src.iloc[:0])[0])
-        assert payload[:5] == struct.pack(">bI", 0, 1101)
+        assert payload[:5] == struct.pack(">bI", 0, 1100)
         assert deserialize_alert(payload)["diaSource"]["diaSourceId"] == int(src["diaSourceId"].iloc[0])
-        with pytest.raises(AlertBuildError, match="schema id 1100"):
-            deserialize_alert(struct.pack(">bI", 0, 1100) + payload[5:])
+        with pytest.raises(AlertBuildError, match="schema id 1101"):
+            deserialize_alert(struct.pack(">bI", 0, 1101) + payload[5:])
 
 
 class TestKafka:
@@ -231,14 +282,14 @@ class TestKafka:
         )
         assert isinstance(sink, KafkaAlertSink)
         result = _visit(apdb, 13, 2, sink)
-        assert result.alerts is not None and result.alerts.n_alerts == 6 and result.alerts.schema_version == "11.1"
+        assert result.alerts is not None and result.alerts.n_alerts == 6 and result.alerts.schema_version == "11.0"
         payloads = _consume(kafka_broker, topic, 6)
         assert result.alerts.n_bytes == sum(len(p) for p in payloads)
-        reader = fastavro.parse_schema(Schema.from_file(get_schema_path(11, 1) + "/lsst.v11_1.alert.avsc").definition)
+        reader = fastavro.parse_schema(Schema.from_file(get_schema_path(11, 0) + "/lsst.v11_0.alert.avsc").definition)
         alerts = []
         for payload in payloads:
             magic, schema_id = struct.unpack(">bI", payload[:5])
-            assert (magic, schema_id) == (0, 1101)
+            assert (magic, schema_id) == (0, 1100)
             alerts.append(fastavro.schemaless_reader(io.BytesIO(payload[5:]), reader, None))
         sent = result.association.sources.set_index("diaSourceId")
         assert sorted(a["diaSourceId"] for a in alerts) == sorted(sent.index.tolist())

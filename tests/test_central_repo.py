@@ -7,6 +7,8 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
+import subprocess
+import sys
 import unittest
 from pathlib import Path
 
@@ -251,6 +253,24 @@ class CentralRepoQueryTestCase(unittest.TestCase):
             ("HSC/calib", "HSC/templates", "refcats", "HSC/raw/all"),
         )
 
+    def test_instrument_class_imports(self) -> None:
+        # daf_butler imports a record's class_name (doImportType) and asks its translator
+        # for the day_obs offset, as `butler import` of an old export does; pipe_base
+        # instantiates it with a collection prefix.
+        from lsst.daf.butler.transfers._yaml import _DayObsOffsetCalculator
+        from lsst.utils import doImportType
+
+        records = {r.name: r.class_name for r in self.butler.query_dimension_records("instrument")}
+        self.assertEqual(set(records), set(FIELDS))
+        for name, class_name in records.items():
+            cls = doImportType(class_name)
+            self.assertEqual(cls.getName(), name)
+            self.assertEqual(cls().makeCalibrationCollectionName(), cr.calib_collection(name))
+            self.assertEqual(cls().makeDefaultRawIngestRunName(), cr.raw_collection(name))
+            calculator = _DayObsOffsetCalculator()
+            calculator[name] = class_name
+            self.assertEqual(calculator.get_offset(name, Time("2024-12-31T12:00:00", scale="tai")), 12 * 3600)
+
     def test_exposure_conflict(self) -> None:
         instrument = _instrument("HSC")
         info = _exposures(instrument, "HSC-G")[0]
@@ -326,8 +346,9 @@ class DemoBuildTestCase(unittest.TestCase):
     """Tests for `workflow.sim.demo_repo.build_demo_repo` with the simulator, and its CLI."""
 
     @pytest.fixture(autouse=True)
-    def _inject(self, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    def _inject(self, tmp_path: Path, capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
         self.tmp_path, self.capsys = tmp_path, capsys
+        monkeypatch.chdir(tmp_path)  # the CLI's APDB (a relative SQLite URL) lands here
 
     def test_build_simulated_and_rerun(self) -> None:
         args = {"n_visits": 2, "n_detectors": 1, "scale": 0.05, "progress": False}
@@ -390,6 +411,19 @@ class DemoBuildTestCase(unittest.TestCase):
         report = json.loads(self.capsys.readouterr().out)
         self.assertEqual(report["datasets"]["raw"], 1)
         self.assertGreater(report["seconds"], 0)
+        # The APDB config beside the configured SQLite APDB (relative to the cwd) reads
+        # with Rubin's own tool, from any directory.
+        (apdb_file,) = report["apdb_configs"]
+        self.assertEqual(Path(apdb_file), self.tmp_path / "demo" / "apdb" / "LSSTComCamSim.yaml")
+        shown = subprocess.run(
+            [str(Path(sys.executable).with_name("apdb-cli")), "metadata", "show", apdb_file],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd="/",
+        )
+        self.assertEqual(shown.returncode, 0, shown.stderr)
+        self.assertRegex(shown.stdout, r"version:schema: 10\.")
         self.assertEqual(cli.main(["--repo", repo, "--instruments", "Nope", "--no-progress"]), 1)
         err = self.capsys.readouterr().err.strip().splitlines()
         self.assertEqual(len(err), 1)

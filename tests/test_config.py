@@ -21,7 +21,7 @@ from workflow.core.config import (
 )
 from workflow.core.exceptions import ConfigError
 
-INSTRUMENTS = ["HSC", "LATISS", "LSSTComCamSim", "LSSTCam-imSim", "LSSTCam"]
+INSTRUMENTS = ["HSC", "LATISS", "LSSTComCam", "LSSTComCamSim", "LSSTCam-imSim", "LSSTCam"]
 
 
 def test_every_instrument_has_a_file():

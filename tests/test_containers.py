@@ -81,7 +81,14 @@ class TestBaseImage:
     def test_pins_are_pyproject_dependencies(self):
         installs = _pip_installs(DOCKER / "Dockerfile.base")
         assert len(installs) == 1, installs
-        requirements = [word for word in installs[0] if not word.startswith("-")]
+        # The base image installs the runtime lock (pyproject dependencies + their locked closure).
+        assert installs[0] == ["-r", "/tmp/requirements-runtime.lock"], installs
+        copies = [args.split() for keyword, args in _instructions(DOCKER / "Dockerfile.base") if keyword == "COPY"]
+        assert ["requirements-runtime.lock", "/tmp/requirements-runtime.lock"] in copies
+        lock = (PROJECT_ROOT / "requirements-runtime.lock").read_text().splitlines()
+        locked = _pins([line for line in lock if line[:1].isalnum()])
+        wanted = _pins(_project()["dependencies"])
+        requirements = [f"{name}=={locked[name]}" for name in wanted if name in locked]
         expected = _pins(_project()["dependencies"])
         pinned = _pins(requirements)
         missing = sorted(set(expected) - set(pinned))

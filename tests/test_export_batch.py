@@ -220,7 +220,9 @@ def test_unreadable_request_is_set_aside_and_the_others_proceed(setup):
 
 def test_export_mode_is_checked_and_does_not_change_the_run_name():
     config = load_config(instrument="LSSTComCamSim")
-    assert export_mode(config) == "direct"
+    assert export_mode(config) == "direct"  # auto: direct outside the shim
+    assert export_mode(_with_mode(config, "auto")) == "direct"
+    assert export_mode(_with_mode(config, "direct")) == "direct"
     batched = _with_mode(config, "batched")
     assert export_mode(batched) == "batched"
     assert config_hashes(batched) == config_hashes(config)
@@ -237,14 +239,16 @@ def test_export_writer_cli_drains_the_configured_spool_and_exits_when_idle(setup
     config, targets = _with_mode(setup["config"], "batched"), setup["targets"][:2]
     _export_all(config, targets)
     site = setup["tmp"] / "site.yaml"
+    # The spool relative to the run directory, as the shim's writer finds it (not to the repo).
+    spool = Path(config["export"]["spool_dir"])
+    monkeypatch.chdir(spool.parent)
+    export = {**config["export"], "spool_dir": spool.name}
     site.write_text(
-        yaml.safe_dump(
-            {"central_repo": config["central_repo"], "export": config["export"], "simulation": config["simulation"]}
-        )
+        yaml.safe_dump({"central_repo": config["central_repo"], "export": export, "simulation": config["simulation"]})
     )
     args = ["--instrument", "LSSTComCamSim", "--extra-config", str(site), "--idle-exit-s", "0.5"]
     assert export_writer.main(args) == 0
-    assert pending_requests(config["export"]["spool_dir"]) == []
+    assert pending_requests(spool) == [] and len(list((spool / "done").glob("*.json"))) == len(targets)
     butler = open_central_repo(config["central_repo"])
     run = output_run(config, DAY_OBS, PIPELINE)
     refs = butler.query_datasets("single_visit_star", collections=run, limit=None, explain=False)

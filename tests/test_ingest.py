@@ -22,6 +22,7 @@ from workflow.stages.ingest import (
     RawMissingError,
     RawTimeoutError,
     fetch_and_check,
+    poll_interval,
     wait_window_s,
 )
 from workflow.stages.target import TargetPaths, classify_error
@@ -313,3 +314,10 @@ def test_all_nan_raw_fails_the_ingest_stage_not_a_fallback(setup, tmp_path, monk
     failure = read_failed(target.failed_file)
     assert (failure.stage, failure.error, failure.retriable) == ("ingest", "CorruptRawError", False)
     assert f"{key}: corrupt raw for group {visit.groupId} detector {det}: amplifier" in failure.message
+
+
+def test_ingest_polls_the_arrival_index_often_and_the_bucket_listing_less():
+    settings = {"poll_interval_s": 0.5, "index_poll_interval_s": 0.1}
+    assert poll_interval(settings, indexed=True) == 0.1
+    assert poll_interval(settings, indexed=False) == 0.5
+    assert poll_interval({"poll_interval_s": 0.5}, indexed=True) == 0.5

@@ -33,16 +33,31 @@ class LayoutTestCase(unittest.TestCase):
     """Tests for detector layouts of `Instrument.from_config`."""
 
     def test_lsstcam(self) -> None:
-        for name in ("LSSTCam", "LSSTCam-imSim"):
+        for name, total in (("LSSTCam", 205), ("LSSTCam-imSim", 189)):
             inst = _instrument(name)
-            self.assertEqual(len(inst.detectors), 189)
-            self.assertEqual([d.id for d in inst.detectors], list(range(189)))
+            self.assertEqual(len(inst.detectors), total)
+            self.assertEqual([d.id for d in inst.detectors], list(range(total)))
             self.assertEqual(inst.detectors[0].name, "R01_S00")
             self.assertEqual(inst.detectors[188].name, "R43_S22")
             self.assertEqual(inst.detector("R22_S11").id, 94)
             self.assertEqual(inst.detector(94).center_mm, (0.0, 0.0))
             self.assertEqual(len(inst.active_detectors()), 189)
-            self.assertEqual(len({d.name for d in inst.detectors}), 189)
+            self.assertEqual({d.purpose for d in inst.active_detectors()}, {"SCIENCE"})
+            self.assertEqual(len({d.name for d in inst.detectors}), total)
+
+    def test_lsstcam_corner_sensors_as_obs_lsst_numbers_them(self) -> None:
+        inst = _instrument("LSSTCam")
+        corners = [d for d in inst.detectors if d.id >= 189]
+        expected = [
+            f"{raft}_{sensor}" for raft in ("R00", "R04", "R40", "R44") for sensor in ("SG0", "SG1", "SW0", "SW1")
+        ]
+        self.assertEqual([d.name for d in corners], expected)
+        self.assertEqual((inst.detector("R00_SW0").id, inst.detector("R44_SW1").id), (191, 204))
+        self.assertEqual(inst.detector("R00_SG0").purpose, "GUIDER")
+        self.assertEqual(inst.detector("R40_SW1").purpose, "WAVEFRONT")
+        self.assertFalse(any(d.active for d in corners))
+        # Corner rafts sit outside the science rafts' square.
+        self.assertTrue(all(min(abs(c) for c in d.center_mm) > 2 * 127.0 - 127.0 for d in corners))
 
     def test_raft_positions(self) -> None:
         inst = _instrument("LSSTCam")
@@ -56,9 +71,16 @@ class LayoutTestCase(unittest.TestCase):
         self.assertEqual([d.name for d in comcam.detectors][:3], ["R22_S00", "R22_S01", "R22_S02"])
         self.assertEqual(len(comcam.detectors), 9)
         self.assertEqual(comcam.detector(4).center_mm, (0.0, 0.0))
+        comcam = _instrument("LSSTComCam")
+        self.assertEqual(
+            [d.name for d in comcam.detectors],
+            [f"R22_S{s}" for s in ("00", "01", "02", "10", "11", "12", "20", "21", "22")],
+        )
+        self.assertEqual((comcam.detector("R22_S11").id, comcam.obs_id_prefix, comcam.controller), (4, "CC", "O"))
         latiss = _instrument("LATISS")
         self.assertEqual(len(latiss.detectors), 1)
-        self.assertEqual(latiss.detector(0).name, "RXX_S00")
+        self.assertEqual(latiss.detector(0).name, "R00_S00")  # as Rubin names it in keys and headers
+        self.assertEqual(latiss.detector("R00_S00").id, 0)
         self.assertEqual(latiss.detector(0).center_mm, (0.0, 0.0))
 
     def test_hsc_grid(self) -> None:
@@ -189,3 +211,15 @@ class WcsTestCase(unittest.TestCase):
 
 if __name__ == "__main__":
     unittest.main()
+
+
+def test_instrument_for_run_takes_override_keys_of_yaml_and_json_layers_together():
+    from workflow.core.config import load_config
+    from workflow.core.instrument import instrument_for_run
+
+    config = load_config(instrument="LSSTCam")
+    # The shipped file's corner overrides have int keys; a JSON layer's are strings.
+    overrides = {**config["active_detectors"]["overrides"], "0": False, "1": False}
+    config = {**config, "active_detectors": {**config["active_detectors"], "overrides": overrides}}
+    active = [d.id for d in instrument_for_run(config).active_detectors()]
+    assert active[:2] == [2, 3] and 189 not in active and len(active) == 187

@@ -45,6 +45,7 @@ from stream_shim.worker import DROPS, WorkItemHandler
 from workflow.core.config import load_config
 from workflow.core.instrument import Instrument
 from workflow.core.visit import DetectorVisit
+from workflow.stages.ingest import poll_interval
 
 GROUP = "2026-11-28T01:02:03.456"
 
@@ -329,7 +330,7 @@ def pool_run(tmp_path_factory: pytest.TempPathFactory) -> PoolRun:
         workdir / "night" / "Snakefile",
         COST_MODELS["quick-sleep"],
         paths=base["paths"],
-        poll_s=float(base["ingest"]["poll_interval_s"]),
+        poll_s=poll_interval(base["ingest"], indexed=True),
         raw_timeout_s=60.0,
     )
     overrides = {

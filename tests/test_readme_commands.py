@@ -31,7 +31,7 @@ from workflow.core.config import PROJECT_ROOT
 
 README = PROJECT_ROOT / "README.md"
 FENCE = re.compile(r"^```[^\n]*\n(.*?)^```", re.M | re.S)
-PROGRAMS = ("python", "snakemake", "make", "kubectl")
+PROGRAMS = ("python", "snakemake", "make", "kubectl", "apdb-cli")
 LINKED = ("Snakefile", "rules", "config", "workflow", "stream_shim", "scripts", "profiles", "envs", "deploy")
 
 
@@ -95,7 +95,7 @@ def _kind(command: str) -> str:
     words = command.split()
     if words[0] == "make":
         return "make"
-    if words[0] == "kubectl":
+    if words[0] in ("kubectl", "apdb-cli"):
         return "run"
     if words[0] == "python":
         return "parse"
@@ -106,6 +106,16 @@ def _kind(command: str) -> str:
 
 
 COMMANDS = _commands()
+
+
+def _demo_apdb(run_dir: Path) -> Path:
+    """Write the demo's APDB and its ``apdb-cli`` config under ``run_dir`` as ``make demo`` does."""
+    from workflow.apdb.config_file import default_config_path, write_apdb_config
+    from workflow.core.config import instrument_config_path, load_config
+
+    config = load_config(instrument_config_path("LSSTComCamSim"), extra_files=[PROJECT_ROOT / "config" / "demo.yaml"])
+    path = default_config_path(config["apdb"], "LSSTComCamSim", base_dir=run_dir)
+    return write_apdb_config(config["apdb"], path, base_dir=run_dir)
 
 
 def test_the_readme_shows_its_commands() -> None:
@@ -128,6 +138,8 @@ def test_command(command: str, scratch: Path, monkeypatch: pytest.MonkeyPatch) -
             needed = "kubectl" if command.startswith("kubectl") else "dot"
             if shutil.which(needed) is None:
                 pytest.skip(f"{needed} not installed")
+        if command.startswith("apdb-cli"):  # on what make demo leaves: the demo's APDB and its config file
+            _demo_apdb(scratch)
         result = _run(command, scratch)
         assert result.returncode == 0, f"{command}\n--- stderr:\n{result.stderr[-3000:]}"
     else:
@@ -137,3 +149,22 @@ def test_command(command: str, scratch: Path, monkeypatch: pytest.MonkeyPatch) -
             pytest.skip("a dry run with profiles/k8s queries the S3 prefix (tests/test_k8s_profile.py runs it)")
         result = _run(f"{flags} -n" if " -n" not in f" {flags}" else flags, scratch)
         assert result.returncode == 0, f"{command}\n--- stderr:\n{result.stderr[-3000:]}"
+
+
+def test_default_profile_holds_only_what_every_profile_agrees_on() -> None:
+    """profiles/default is read by every snakemake command (its keys win over --profile's)."""
+    import yaml
+
+    default = yaml.safe_load((PROJECT_ROOT / "profiles" / "default" / "config.yaml").read_text())
+    assert default == {"rerun-triggers": "mtime"}
+    for path in sorted((PROJECT_ROOT / "profiles").glob("*/config.yaml")):
+        profile = yaml.safe_load(path.read_text())
+        for key, value in default.items():
+            assert profile.get(key) == value, f"{path}: {key} is {profile.get(key)!r}, profiles/default says {value!r}"
+
+
+def test_plain_dry_run_uses_the_default_profile(scratch: Path) -> None:
+    """``snakemake -n --configfile ...`` (the README's dry run) picks up the project's settings by itself."""
+    result = _run("snakemake -n --configfile config/instruments/LSSTComCamSim.yaml", scratch)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Using workflow specific profile profiles/default" in result.stdout + result.stderr

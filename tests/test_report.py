@@ -1,5 +1,5 @@
 """Tests for `workflow.outcomes.metrics`, `workflow.outcomes.report`, ``scripts/make_report.py`` and
-``report/Snakefile``: metrics of a fabricated night, the pictures, and the Snakemake
+the workflow's rule ``night_report``: metrics of a fabricated night, the pictures, and the Snakemake
 HTML report rendered in headless Chromium with every image loaded."""
 
 from __future__ import annotations
@@ -15,7 +15,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from astropy.io import fits
+from prometheus_client.parser import text_string_to_metric_families
 
+from stream_shim.status import ShimStatus
 from workflow.core.config import PROJECT_ROOT
 from workflow.outcomes.metrics import night_metrics, nights, percentiles, read_benchmarks, render_prometheus
 from workflow.outcomes.report import (
@@ -181,8 +183,16 @@ class TestMetrics:
         assert percentiles([1, 2, 3, None]) == {"n": 3, "p50": 2.0, "p95": 2.9, "max": 3.0}
 
 
+def _parsed(text: str) -> dict[str, tuple[str, dict[tuple[str, tuple[tuple[str, str], ...]], float]]]:
+    """The exposition as prometheus_client's own parser reads it: family -> (type, samples)."""
+    return {
+        family.name: (family.type, {(s.name, tuple(sorted(s.labels.items()))): s.value for s in family.samples})
+        for family in text_string_to_metric_families(text)
+    }
+
+
 class TestPrometheus:
-    """Tests for `workflow.outcomes.metrics.render_prometheus`."""
+    """Tests for `workflow.outcomes.metrics.render_prometheus` (rendered by prometheus_client)."""
 
     def test_counters_and_labels(self):
         text = render_prometheus(
@@ -191,39 +201,66 @@ class TestPrometheus:
             help_texts={"visits_received": "next_visit seen"},
         )
         assert text.endswith("\n")
-        assert text.splitlines() == [
-            "# HELP prompt_snake_alerts_total alerts_total",
-            "# TYPE prompt_snake_alerts_total counter",
-            "prompt_snake_alerts_total 2.5",
-            "# HELP prompt_snake_targets_total targets",
-            "# TYPE prompt_snake_targets_total counter",
-            'prompt_snake_targets_total{outcome="ok"} 5',
-            'prompt_snake_targets_total{outcome="we\\"ird"} 1',
-            "# HELP prompt_snake_visits_received_total next_visit seen",
-            "# TYPE prompt_snake_visits_received_total counter",
-            "prompt_snake_visits_received_total 3",
-        ]
+        assert "# HELP prompt_snake_visits_received_total next_visit seen" in text
+        assert text.count("# TYPE ") == 3
+        assert _parsed(text) == {
+            "prompt_snake_alerts": ("counter", {("prompt_snake_alerts_total", ()): 2.5}),
+            "prompt_snake_targets": (
+                "counter",
+                {
+                    ("prompt_snake_targets_total", (("outcome", "ok"),)): 5.0,
+                    ("prompt_snake_targets_total", (("outcome", 'we"ird'),)): 1.0,
+                },
+            ),
+            "prompt_snake_visits_received": ("counter", {("prompt_snake_visits_received_total", ()): 3.0}),
+        }
 
     def test_nested_labels_like_the_shim_counts(self):
         counts = {"shim_events": {"next_visit": {"stale": 2, "ok": 3}, "raw": {"late": 1}}}
         text = render_prometheus(counts, label_names={"shim_events": ("category", "reason")})
-        assert text.splitlines()[2:] == [
-            'prompt_snake_shim_events_total{category="next_visit",reason="ok"} 3',
-            'prompt_snake_shim_events_total{category="next_visit",reason="stale"} 2',
-            'prompt_snake_shim_events_total{category="raw",reason="late"} 1',
-        ]
-        assert 'x_total{kind="a",kind_2="b"} 1' in render_prometheus({"x": {"a": {"b": 1}}})
+        assert _parsed(text)["prompt_snake_shim_events"][1] == {
+            ("prompt_snake_shim_events_total", (("category", "next_visit"), ("reason", "ok"))): 3.0,
+            ("prompt_snake_shim_events_total", (("category", "next_visit"), ("reason", "stale"))): 2.0,
+            ("prompt_snake_shim_events_total", (("category", "raw"), ("reason", "late"))): 1.0,
+        }
+        assert 'x_total{kind="a",kind_2="b"} 1.0' in render_prometheus({"x": {"a": {"b": 1}}})
         with pytest.raises(ValueError, match="x: mixed nesting depths"):
             render_prometheus({"x": {"a": {"b": 1}, "c": 2}})
 
     def test_gauges_names_and_errors(self):
         text = render_prometheus({"queue-depth": 4, "lag": float("nan")}, kind="gauge", prefix="")
-        assert "# TYPE queue_depth gauge\nqueue_depth 4\n" in text and "lag NaN" in text
+        assert "# TYPE queue_depth gauge\nqueue_depth 4.0\n" in text and "lag NaN" in text
         assert render_prometheus({}) == ""
         with pytest.raises(ValueError, match=r"targets\{kind=\"ok\"\}: value 'many' is not a number"):
             render_prometheus({"targets": {"ok": "many"}})
         with pytest.raises(ValueError, match="kind 'histogram'"):
             render_prometheus({"a": 1}, kind="histogram")
+
+    def test_shim_exposition_parses_with_type_lines_and_summary_sum(self):
+        """Every shim family has a TYPE line; the latency summary has _count and _sum over all samples."""
+        status = ShimStatus("LSSTComCamSim", "streaming")
+        status.count("raw", "late", 2)
+        status.gauge("targets", lambda: {"running": 3})
+        for seconds in (1.0, 2.0, 4.0):
+            status.observe("submit_to_outcome", seconds)
+        text = status.prometheus()
+        families = _parsed(text)
+        typed = {line.split()[2]: line.split()[3] for line in text.splitlines() if line.startswith("# TYPE ")}
+        assert typed == {
+            "prompt_snake_shim_events_total": "counter",
+            "prompt_snake_shim_gauge": "gauge",
+            "prompt_snake_shim_latency_seconds": "summary",
+            "prompt_snake_shim_uptime_seconds": "gauge",
+        }
+        kind, latency = families["prompt_snake_shim_latency_seconds"]
+        name = (("name", "submit_to_outcome"),)
+        assert kind == "summary"
+        assert latency[("prompt_snake_shim_latency_seconds_count", name)] == 3
+        assert latency[("prompt_snake_shim_latency_seconds_sum", name)] == 7.0
+        assert latency[("prompt_snake_shim_latency_seconds", (*name, ("quantile", "0.5")))] == 2.0
+        assert families["prompt_snake_shim_events"][1] == {
+            ("prompt_snake_shim_events_total", (("category", "raw"), ("reason", "late"))): 2.0
+        }
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -314,48 +351,75 @@ window.addEventListener("load", async () => {
 """
 
 
+REPORT_COMMANDS = (
+    ["--cores", "1", "--nolock", "--forcerun", "night_report", "--quiet", "rules", "--", "night_report"],
+    ["--report", "report.html", "--", "all", "night_report"],
+)
+"""``make report``'s two Snakemake runs (the Makefile's recipe, checked below): the rule, then the report."""
+
+
 @pytest.fixture(scope="module")
-def made_report(run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """Run ``scripts/make_report.py --html`` once in the fabricated run: (report dir, HTML file)."""
-    html = tmp_path_factory.mktemp("html") / "report.html"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(PROJECT_ROOT / "scripts" / "make_report.py"),
-            "--out-dir",
-            "build/report",
-            "--cutouts",
-            "3",
-            "--html",
-            str(html),
-        ],
-        cwd=run_dir,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    return run_dir / "build" / "report", html
+def made_report(run_dir: Path) -> tuple[Path, Path, str]:
+    """Run ``make report``'s commands once in the fabricated run: (report dir, HTML file, their output).
+
+    The run gets visit files, so ``all`` brings the detector-visit chain into the report.
+    """
+    for group in GROUPS:
+        for det in range(9):
+            visit = run_dir / "visits" / INSTRUMENT / DAY_OBS / group / f"{det}.json"
+            visit.parent.mkdir(parents=True, exist_ok=True)
+            visit.write_text("{}")
+    output = ""
+    for args in REPORT_COMMANDS:
+        result = subprocess.run(
+            [sys.executable, "-m", "snakemake", "--snakefile", str(PROJECT_ROOT / "Snakefile"), *args],
+            cwd=run_dir,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        output += result.stdout + result.stderr
+    return run_dir / "build" / "report", run_dir / "report.html", output
+
+
+def test_make_report_runs_these_commands():
+    recipe = subprocess.run(["make", "-n", "report"], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
+    for args in REPORT_COMMANDS:
+        assert f"-m snakemake {' '.join(args)}" in recipe.stdout, recipe.stdout
 
 
 class TestHtmlReport:
-    """Tests for ``scripts/make_report.py`` and ``report/Snakefile`` (the HTML report)."""
+    """Tests for rule ``night_report`` (``scripts/make_report.py``) and ``snakemake --report`` on the workflow."""
 
     def test_make_report_files(self, made_report):
-        out, _ = made_report
-        assert sorted(p.name for p in (out / "cutouts").glob("*.png")) == [
+        out, _, _ = made_report
+        assert sorted(p.name for p in (out / "cutouts").glob("*.png")) == [  # the default 6
             f"{INSTRUMENT}_{GROUPS[0]}_0_1.png",
-            f"{INSTRUMENT}_{GROUPS[0]}_8_801.png",
+            f"{INSTRUMENT}_{GROUPS[0]}_3_301.png",
+            f"{INSTRUMENT}_{GROUPS[0]}_6_601.png",
+            f"{INSTRUMENT}_{GROUPS[1]}_0_1.png",
+            f"{INSTRUMENT}_{GROUPS[1]}_3_301.png",
             f"{INSTRUMENT}_{GROUPS[1]}_7_701.png",
         ]
         for name in ("latency", "alerts_per_visit", "focal_plane", "rulegraph"):
             assert _png_size(out / f"{name}.png")[0] > 300
         metrics = json.loads((out / "metrics" / f"{INSTRUMENT}_{DAY_OBS}.json").read_text())
         assert metrics["outcomes"]["failed"] == 1
-        prom = (out / "metrics" / f"{INSTRUMENT}_{DAY_OBS}.prom").read_text()
-        labels = f'instrument="{INSTRUMENT}",day_obs="{DAY_OBS}"'
-        assert f'prompt_snake_night_targets_total{{{labels},outcome="fallback"}} 2' in prom
-        assert f"prompt_snake_night_alerts_total{{{labels}}} 30" in prom
+        prom = _parsed((out / "metrics" / f"{INSTRUMENT}_{DAY_OBS}.prom").read_text())
+        labels = (("day_obs", DAY_OBS), ("instrument", INSTRUMENT))
+        targets = prom["prompt_snake_night_targets"]
+        assert targets[0] == "counter"
+        assert targets[1][("prompt_snake_night_targets_total", (*labels, ("outcome", "fallback")))] == 2
+        assert prom["prompt_snake_night_alerts"][1][("prompt_snake_night_alerts_total", labels)] == 30
+
+    def test_no_warnings(self, made_report):
+        """The report files have Snakemake metadata (made by the rule) and no flag is misplaced."""
+        output = made_report[2]
+        assert "is only valid for outputs" not in output
+        # The fabricated detector-visit files were not made by Snakemake: only they may lack metadata.
+        missing = re.findall(r"Missing metadata for file (\S+)\.", output)
+        assert not [path for path in missing if not path.startswith(("results/", "work_area/"))], missing
 
     def test_rulegraph_with_and_without_dot(self, made_report, tmp_path):
         dot = (made_report[0] / "rulegraph.dot").read_text()
@@ -369,6 +433,9 @@ class TestHtmlReport:
     def test_html_images_load_in_chromium(self, made_report, tmp_path):
         html = made_report[1]
         page = html.read_text()
+        rulegraph = re.search(r"var rulegraph_spec = (\{.*?\});\n", page, re.S).group(1)
+        for rule in ("prep", "ingest", "pipeline", "export", "apdb", "finish", "all", "night_report"):
+            assert f'"rule": "{rule}"' in rulegraph, rule  # the real workflow, not a one-rule Snakefile
         results = json.loads(re.search(r"var results = (\{.*?\});\n", page, re.S).group(1))
         names = sorted(entry["name"] for entry in results.values())
         assert {
@@ -378,7 +445,7 @@ class TestHtmlReport:
             "rulegraph.png",
             f"{INSTRUMENT}_{DAY_OBS}.json",
         } <= set(names)
-        assert sum(n.endswith(".png") for n in names) == 4 + 3
+        assert sum(n.endswith(".png") for n in names) == 4 + 6
 
         checked = tmp_path / "checked.html"
         head, body_end, tail = page.rpartition("</body>")  # the page's scripts contain "</body>" too
@@ -410,4 +477,4 @@ class TestHtmlReport:
         check = json.loads(found.group(1).replace("&quot;", '"').replace("&amp;", "&"))
         assert all(w > 0 for w in check["landing"]) and sum(w > 300 for w in check["landing"]) == 4, check
         images = {p: w for p, w in check["results"].items() if w != "not an image"}
-        assert len(images) == 7 and all(w > 100 for w in images.values()), check
+        assert len(images) == 10 and all(w > 100 for w in images.values()), check

@@ -40,6 +40,7 @@ from workflow.apdb.alerts import deserialize_alert
 from workflow.apdb.store import create_apdb
 from workflow.core.config import PROJECT_ROOT
 from workflow.repo.central_repo import open_central_repo
+from workflow.repo.export_batch import receipts
 from workflow.stages.export import output_chain
 from workflow.stages.records import read_stage_record
 
@@ -356,13 +357,19 @@ class TestShimEndToEnd:
         )
 
     def test_exported_outputs_are_in_the_central_repo(self, scenario: Scenario) -> None:
+        # Under the shim exports are batched (export.mode auto): each stage queued a request and
+        # the shim's writer committed it, also those the killed first shim left pending.
         exported: dict[str, set[tuple[int, int]]] = {}
         chains = set()
+        committed = receipts(scenario.workdir / "export-spool")
         for (group, detector), path in scenario.result_dirs().items():
             if (path / "done.json").exists():
                 export = read_stage_record(scenario.work_dir(group, detector) / "export.json", "export").body
                 chains.add(export["chain"])
-                for dataset_type in export["exported"] + export["skipped"]:  # skipped: a rerun found it there
+                assert export["queued"] and not export["exported"], (group, detector)
+                receipt = committed[export["request"]]
+                assert set(receipt.exported + receipt.skipped) == set(export["queued"]), (group, detector)
+                for dataset_type in receipt.exported + receipt.skipped:  # skipped: a rerun found it there
                     exported.setdefault(dataset_type, set()).add(
                         (export["data_id"]["visit"], export["data_id"]["detector"])
                     )
@@ -428,6 +435,8 @@ class TestShimEndToEnd:
     def test_graceful_stop_and_structured_logs(self, scenario: Scenario) -> None:
         assert scenario.second_exit == 0
         assert scenario.second_status["state"] == "stopped"
+        writer = scenario.second_status["counts"]["export_writer"]
+        assert writer["started"] == 1 and writer["stopped"] == 1 and "exited" not in writer
         records = [json.loads(line) for line in scenario.first_log.splitlines() if line.startswith("{")]
         assert any(r.get("group") in scenario.groups and "detector" in r and "instrument" in r for r in records)
         assert any(

@@ -9,6 +9,7 @@ import urllib.request
 
 import pytest
 from astropy.time import Time
+from prometheus_client.parser import text_string_to_metric_families
 from raw_uploads import make_visit
 from shared_helpers import wait_until
 
@@ -120,6 +121,45 @@ class TestSubmitter:
         assert _wait(lambda: not sub.unfinished())
         assert status.counts("failures") == {"NoOutcome": 1}
 
+    def test_admission_holds_newer_visits_until_older_targets_end(self, tmp_path) -> None:
+        backend, status = FakeBackend(), ShimStatus("LSSTComCamSim", "fake")
+        sub = Submitter(backend, status, workdir=tmp_path, poll_s=0.05, max_in_flight=3)
+        sub.start()
+        try:
+            old_group, new_group, newest_group = GROUP, "2026-11-28T01:02:35.000", "2026-11-28T01:03:07.000"
+            old = _targets([0, 1], old_group)
+            new = _targets([0, 1], new_group)
+            newest = _targets([0, 1], newest_group)
+            sub.submit(old, batch_id=old_group)
+            sub.submit(new, batch_id=new_group)
+            sub.submit(newest, batch_id=newest_group)
+            # Room for 3: the older visit whole, one target of the next; the newest waits.
+            assert [(b.batch_id, len(b.targets)) for b in backend.batches] == [(old_group, 2), (new_group, 1)]
+            assert sub.gauges()["in_flight"] == 3 and sub.gauges()["held"] == 3
+            assert status.counts("targets") == {"submitted": 3, "held": 3}
+            # Held targets count as unfinished (not ended, not resubmittable twice), but a restarted
+            # backend is fed only what it had been given.
+            assert len(sub.unfinished()) == 6 and len(sub.unfinished(first_attempts_only=True)) == 3
+            assert not sub.ended(str(newest[0].done_file))
+            assert sub.submit(newest[:1], batch_id=newest_group).in_flight == (str(newest[0].done_file),)
+            for target in old:
+                write_json(tmp_path / target.done_file, {"outcome": "ok"})
+            # The two ended: the next visit's other target first, then the oldest of the newest.
+            assert _wait(lambda: len(backend.batches) == 4)
+            assert [(b.batch_id, b.targets) for b in backend.batches[2:]] == [
+                (new_group, (str(new[1].done_file),)),
+                (newest_group, (str(newest[0].done_file),)),
+            ]
+            assert sub.gauges()["held"] == 1 and status.counts("targets")["submitted"] == 5
+        finally:
+            sub.drain(0, 0)
+        # Stopped with a target still held: it never reached a backend, and stays unfinished.
+        assert str(newest[1].done_file) in sub.unfinished()
+
+    def test_admission_limit_must_be_positive(self, tmp_path) -> None:
+        with pytest.raises(ValueError, match="max_in_flight 0"):
+            Submitter(FakeBackend(), ShimStatus("LSSTComCamSim", "fake"), workdir=tmp_path, max_in_flight=0)
+
     def test_target_key(self) -> None:
         assert target_key(f"results/LSSTComCamSim/2026-11-27/{GROUP}/7/done.json") == (
             "LSSTComCamSim",
@@ -189,10 +229,16 @@ class TestShimStatus:
         snap = status.snapshot()
         assert snap["counts"] == {"next_visit": {"stale": 2}} and snap["gauges"]["targets"] == {"running": 3}
         assert snap["latencies"]["submit_to_outcome"] == {"count": 4, "p50_s": 2.0, "p95_s": 10.0, "max_s": 10.0}
-        text = status.prometheus()
-        assert 'prompt_snake_shim_events_total{category="next_visit",reason="stale"} 2' in text
-        assert 'prompt_snake_shim_gauge{name="targets",key="running"} 3' in text
-        assert 'prompt_snake_shim_latency_seconds{name="submit_to_outcome",quantile="0.95"} 10.0' in text
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(status.prometheus())
+            for s in family.samples
+        }
+        assert samples[("prompt_snake_shim_events_total", (("category", "next_visit"), ("reason", "stale")))] == 2
+        assert samples[("prompt_snake_shim_gauge", (("key", "running"), ("name", "targets")))] == 3
+        latency = (("name", "submit_to_outcome"),)
+        assert samples[("prompt_snake_shim_latency_seconds", (*latency, ("quantile", "0.95")))] == 10.0
+        assert samples[("prompt_snake_shim_latency_seconds_sum", latency)] == 16.0
         status.write(tmp_path / "status.json")
         assert json.loads((tmp_path / "status.json").read_text())["counts"] == snap["counts"]
         assert percentile([], 50) is None and percentile([5.0], 95) == 5.0
@@ -257,7 +303,7 @@ class TestNextVisitHandler:
         assert json.loads(files[4].read_text())["detector"] == 4
         assert len(backend.batches) == 1 and len(backend.batches[0].targets) == 9
         # The same visit again (redelivery), as the summit's framed Avro: nothing new is submitted.
-        assert handler.handle(visit.to_avro(schema_id=7)) == "duplicate"
+        assert handler.handle(visit.to_avro(schema_id=1)) == "duplicate"
         assert len(backend.batches) == 1 and early == [GROUP, GROUP]
         assert [v.group for v in handler.journal.load()] == [GROUP, GROUP]
         assert status.counts("next_visit") == {"accepted": 1, "duplicate": 1}

@@ -345,7 +345,7 @@ class RawFitsTestCase(unittest.TestCase):
         ]
         raw = simulate_raw(inst, 0, exposure, seed=SEED, sky=SKY)
         self.assertEqual(raw.header["OBSID"], "AT_O_20260228_000003")
-        self.assertEqual(raw.header["DETNAME"], "RXX_S00")
+        self.assertEqual(raw.header["DETNAME"], "R00_S00")
         # A 1.2 m telescope: about 3.6 mag less signal per star.
         self.assertLess(raw.truth.meta["e_per_nJy"], 0.1 * _visit(0).truth.meta["e_per_nJy"])
 

@@ -9,11 +9,12 @@ from science_images import make_refcat, make_scene, make_wcs, render
 
 from workflow.science.calibrate import calibrate
 from workflow.science.dia_sources import detect_dia_sources
-from workflow.science.errors import BadImageError, NoTemplateError, ScienceDataError
+from workflow.science.errors import BadImageError, NoTemplateError, NumericalFailureError, ScienceDataError
 from workflow.science.exposure import Exposure
 from workflow.science.masks import MaskPlane
 from workflow.science.subtract import alard_lupton_basis, subtract_images
 from workflow.science.template_warp import TemplatePatch, template_coverage, warp_template
+from workflow.science.zogy import check_flux_ratio
 
 SHAPE = (512, 512)
 
@@ -79,6 +80,28 @@ def _calibrated(scene):  # noqa: ANN001, ANN202
     sim = scene.science
     exposure = Exposure(image=sim.image, mask=np.zeros(SHAPE, np.int32), variance=sim.variance)
     return calibrate(exposure, scene.refcat, scene.wcs_guess, band="r")
+
+
+class FluxRatioCheckTestCase(unittest.TestCase):
+    """`workflow.science.zogy.check_flux_ratio`: the tolerance follows the calibration errors."""
+
+    @staticmethod
+    def _exposure(zero_point: float, zp_err: float, apcorr_err: float) -> Exposure:
+        shape = (8, 8)
+        exposure = Exposure(image=np.zeros(shape), mask=np.zeros(shape, np.int32), variance=np.ones(shape))
+        exposure.zero_point = zero_point
+        exposure.metadata.update(ZPERR=zp_err, APCORR=1.0, APCORERR=apcorr_err)
+        return exposure
+
+    def test_tolerance_from_errors(self) -> None:
+        template = self._exposure(31.4, 0.0, 0.0)
+        precise, loose = self._exposure(31.4, 0.002, 0.002), self._exposure(31.4, 0.03, 0.01)
+        check_flux_ratio(1.04, precise, template)  # within the 5% floor
+        with self.assertRaisesRegex(NumericalFailureError, r"by 13\.0% \(tolerance 6\.4%, scale error 0\.3%\)"):
+            check_flux_ratio(1.13, precise, template)
+        check_flux_ratio(1.13, loose, template)  # 5% + 5 x 3% scale error
+        with self.assertRaisesRegex(NumericalFailureError, "differs from the zero points"):
+            check_flux_ratio(1.30, loose, template)
 
 
 class SubtractTestCase(unittest.TestCase):

@@ -33,6 +33,7 @@ from workflow.core.config import PROJECT_ROOT, known_instruments, load_config
 from workflow.core.exceptions import ConfigError, NonRetriableError, RetriableError
 from workflow.core.instrument import Instrument
 from workflow.core.raw_keys import RawKeyLayout, sidecar_key
+from workflow.core.schema_registry import LocalSchemas
 from workflow.core.visit import decode_next_visit, parse_next_visit
 from workflow.sim.exposures import make_exposures
 from workflow.sim.simulate import simulate_raw
@@ -291,7 +292,10 @@ def test_upload_cli_avro(services, tmp_path):
 
     [message] = _next_visits(broker.bootstrap, topic, 1)
     assert message.value()[0] == 0 and int.from_bytes(message.value()[1:5], "big") == 7
-    visit = decode_next_visit(message.value())
+    site_schemas = tmp_path / "schemas"  # id 7: the shipped schema under a site's id
+    site_schemas.mkdir()
+    (site_schemas / "7.avsc").write_text((PROJECT_ROOT / "workflow" / "data" / "next_visit.1.avsc").read_text())
+    visit = decode_next_visit(message.value(), schemas=LocalSchemas(site_schemas))
     assert visit.groupId == group
     assert (visit.position, visit.filters, visit.cameraAngle) == ([30.5, -10.25], "i_06", 12.0)
     keys = set(_objects(s3, bucket))

@@ -5,6 +5,7 @@ dimension universes."""
 from __future__ import annotations
 
 import json
+import re
 import runpy
 import shutil
 import sqlite3
@@ -159,7 +160,7 @@ class TestAlertSchema:
 
     def test_installed_schema_accepted(self):
         assert {(10, 0), (11, 0), (11, 1)} <= set(available_alert_schemas())
-        assert check_alert_schema() == (11, 1)
+        assert check_alert_schema() == (11, 0)  # Rubin production, the default
 
     def test_other_major_refused(self):
         with pytest.raises(AlertSchemaVersionError) as info:
@@ -179,7 +180,7 @@ class TestStartupAndReleaseNotes:
     def test_check_startup(self, repos, apdb_file, tmp_path):
         good = {"central_repo": str(repos["current"]), "apdb": _apdb_with(tmp_path, apdb_file)}
         assert check_startup(good) == {
-            "alert_schema": "11.1",
+            "alert_schema": "11.0",
             "apdb": {"schema": "10.0.0", "ApdbSql": "1.2.1"},
             "dimensions": ("daf_butler", 8),
         }
@@ -195,14 +196,14 @@ class TestStartupAndReleaseNotes:
         assert facts == {**release_facts(), "container_image": facts["container_image"]}
         assert facts["apdb"]["schema"] == "10.0.0" and facts["apdb"]["ApdbSql"] == "1.2.1"
         assert facts["dimensions"]["namespace"] == "daf_butler" and facts["dimensions"]["version"] == 8
-        assert facts["alert_schema"]["version"] == "11.1" and facts["snakemake"] == "9.27.1"
+        assert facts["alert_schema"]["version"] == "11.0" and facts["snakemake"] == "9.27.1"
         assert main([]) == 0
         text = capsys.readouterr().out
         for line in (
             f"prompt-snake {project_version()}",
             "APDB schema 10.0.0, ApdbSql 1.2.1, ApdbCassandra 1.",
             "dimensions config: namespace daf_butler version 8",
-            "alert schema 11.1",
+            "alert schema 11.0",
             "Snakemake 9.27.1",
             "Python 3.11.",
         ):
@@ -211,3 +212,79 @@ class TestStartupAndReleaseNotes:
         extra.write_text(yaml.safe_dump({"central_repo": str(repos["v7"]), "apdb": _apdb_with(tmp_path, apdb_file)}))
         assert main(["--check", "--extra-config", str(extra)]) == 2
         assert "RepoVersionError: central repo" in capsys.readouterr().err
+
+
+def _site_config(repos: dict[str, Path], apdb: dict[str, str], **changes: object) -> dict[str, object]:
+    """The merged LSSTComCamSim config on a given repo and APDB (``changes`` replace sections)."""
+    from workflow.core.config import load_config
+
+    config = load_config(instrument="LSSTComCamSim")
+    return {**config, "central_repo": str(repos["current"]), "apdb": apdb, **changes}
+
+
+REFUSALS = {
+    "dimensions": (
+        RepoVersionError,
+        "dimension universe namespace 'daf_butler' version 7 is not supported; "
+        "supported: namespace 'daf_butler' version(s) 8",
+    ),
+    "apdb": (ApdbVersionError, "supported: schema 10.x, ApdbSql 1.x, ApdbCassandra 1.x"),
+    "alert_schema": (AlertSchemaVersionError, "alert schema 12.0 is not supported: supported major version 11"),
+}
+
+
+def _refused(kind: str, repos: dict[str, Path], apdb_file: Path, tmp_path: Path) -> dict[str, object]:
+    good = _apdb_with(tmp_path, apdb_file)
+    if kind == "dimensions":
+        return _site_config(repos, good, central_repo=str(repos["v7"]))
+    if kind == "apdb":
+        return _site_config(repos, _apdb_with(tmp_path, apdb_file, schema="9.0.0"))
+    return _site_config(repos, good, alerts={"schema_version": "12.0", "schema_id": None})
+
+
+class TestStartupChecksRun:
+    """`check_startup` refuses at stream shim start and before a replay, naming what is supported."""
+
+    @pytest.mark.parametrize("kind", sorted(REFUSALS))
+    def test_shim_refuses_to_start(self, kind, repos, apdb_file, tmp_path, monkeypatch):
+        import threading
+
+        import stream_shim.service as service
+
+        monkeypatch.setattr(service, "run_health_checks", lambda *args, **kwargs: None)  # no broker here
+        config = _refused(kind, repos, apdb_file, tmp_path)
+        shim = service.StreamShim(service.ShimOptions(instrument="LSSTComCamSim", workdir=tmp_path / "run"), config)
+        error, message = REFUSALS[kind]
+        with pytest.raises(error, match=re.escape(message)):
+            shim.run(threading.Event())
+        assert shim.status.state != "running" and not (tmp_path / "run" / "shim" / "status.json").exists()
+
+    def test_shim_starts_past_the_checks_when_supported(self, repos, apdb_file, tmp_path, monkeypatch):
+        import threading
+
+        import stream_shim.service as service
+
+        class Reached(Exception):
+            pass
+
+        def stop_here(*args, **kwargs):
+            raise Reached
+
+        monkeypatch.setattr(service, "run_health_checks", lambda *args, **kwargs: None)
+        monkeypatch.setattr(service.StreamShim, "_start_export_writer", stop_here, raising=False)
+        monkeypatch.setattr(service.ArrivalIndex, "prune", stop_here)
+        config = _site_config(repos, _apdb_with(tmp_path, apdb_file))
+        shim = service.StreamShim(service.ShimOptions(instrument="LSSTComCamSim", workdir=tmp_path / "run"), config)
+        with pytest.raises(Reached):
+            shim.run(threading.Event())
+
+    @pytest.mark.parametrize("kind", sorted(REFUSALS))
+    def test_replay_refuses_before_writing(self, kind, repos, apdb_file, tmp_path, monkeypatch):
+        from workflow.runtime.replay import replay
+
+        monkeypatch.chdir(tmp_path)
+        config = _refused(kind, repos, apdb_file, tmp_path)
+        error, message = REFUSALS[kind]
+        with pytest.raises(error, match=re.escape(message)):
+            replay(config, instrument_file="config/instruments/LSSTComCamSim.yaml", limit=1)
+        assert not (tmp_path / "visits").exists() and not (tmp_path / "work_area").exists()

@@ -17,6 +17,7 @@ from astropy.time import Time
 
 from workflow.core.exceptions import IgnorableVisit, InvalidIdentifier, InvalidVisit, StaleVisit, UnknownInstrumentError
 from workflow.core.identifiers import GROUP_PATTERN, target_key
+from workflow.core.schema_registry import NEXT_VISIT_SCHEMA_ID
 from workflow.core.visit import (
     CoordSys,
     DetectorVisit,
@@ -206,10 +207,10 @@ class NextVisitAvroTestCase(unittest.TestCase):
     """Tests for `workflow.core.visit.NextVisit` Avro (de)serialization."""
 
     def test_framed_round_trip(self) -> None:
-        data = write_avro(make_fields(), schema_id=17)
+        data = write_avro(make_fields(), schema_id=NEXT_VISIT_SCHEMA_ID)
         visit = NextVisit.from_avro(data)
         self.assertEqual(visit, NextVisit.from_dict(make_fields()))
-        self.assertEqual(visit.to_avro(17), data)
+        self.assertEqual(visit.to_avro(NEXT_VISIT_SCHEMA_ID), data)
 
     def test_bare_round_trip(self) -> None:
         # private_efdStamp is 0.0 here, so the bare body starts with a 0
@@ -222,7 +223,7 @@ class NextVisitAvroTestCase(unittest.TestCase):
 
     def test_full_summit_record(self) -> None:
         expected = NextVisit.from_dict(make_fields())
-        for schema_id in (None, 1, 2**31 - 1):
+        for schema_id in (None, NEXT_VISIT_SCHEMA_ID):
             with self.subTest(schema_id=schema_id):
                 visit = NextVisit.from_avro(write_avro(make_summit_record(), schema_id))
                 self.assertEqual(visit, expected)
@@ -249,7 +250,7 @@ class NextVisitAvroTestCase(unittest.TestCase):
                 "position": [10.0, -20.0],
                 "private_sndStamp": SND_STAMP,
             },
-            schema_id=5,
+            schema_id=NEXT_VISIT_SCHEMA_ID,
         )
         visit = parse_next_visit(data, known_instruments=KNOWN, now=SND_STAMP + 1.0)
         self.assertEqual(visit.instrument, "LATISS")
@@ -416,7 +417,7 @@ class CheckUsableTestCase(unittest.TestCase):
             ("json bytes", text.encode()),
             ("dict", make_fields()),
             ("bare avro", visit.to_avro()),
-            ("framed avro", visit.to_avro(9)),
+            ("framed avro", visit.to_avro(NEXT_VISIT_SCHEMA_ID)),
         ]:
             with self.subTest(kind=kind):
                 self.assertEqual(parse_next_visit(data, known_instruments=KNOWN, now=SND_STAMP), visit)

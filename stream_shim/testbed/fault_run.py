@@ -49,6 +49,7 @@ from stream_shim.testbed.night_standin import CostModel
 from workflow.core.buckets import Bucket
 from workflow.core.config import PROJECT_ROOT, load_config
 from workflow.core.instrument import Instrument
+from workflow.stages.ingest import poll_interval
 
 _log = logging.getLogger(__name__)
 
@@ -238,7 +239,7 @@ class FaultSuite:
             workdir / "night" / "Snakefile",
             settings.cost,
             paths=self.base["paths"],
-            poll_s=float(self.base["ingest"]["poll_interval_s"]),
+            poll_s=poll_interval(self.base["ingest"], indexed=True),
             raw_timeout_s=raw_timeout_s,
             unbuildable=unbuildable,
             apdb=self.apdb if rows else None,

@@ -49,6 +49,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self
 
+import psutil
+
+from stream_shim.process_group import group_members, process_start_time
 from workflow.core.exceptions import ServiceStartError
 
 if TYPE_CHECKING:
@@ -133,11 +136,7 @@ def process_alive(pid: int) -> bool:
     alive : `bool`
         `True` if the process is running (or stopped, but not dead).
     """
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    return process_start_time(pid) is not None
 
 
 def _wait_gone(pids: set[int], timeout: float) -> None:
@@ -147,34 +146,21 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
         time.sleep(0.02)
 
 
-def _proc_table() -> list[tuple[int, int, int]]:
-    """Return ``(pid, ppid, pgid)`` of every live process, from /proc."""
-    rows = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if fields[0] not in ("Z", "X"):
-            rows.append((int(entry.name), int(fields[1]), int(fields[2])))
-    return rows
-
-
 def _tree(pid: int, *, leader: bool = True) -> set[int]:
     """Return ``pid`` (unless ``leader`` is false), its process group and their descendants.
 
     Pass ``leader=False`` once ``pid`` has been reaped: the number may then
     belong to an unrelated process.
     """
-    table = _proc_table()
-    found = {p for p, _, pgid in table if (leader and p == pid) or (pgid == pid and p != pid)}
-    while True:
-        more = {p for p, ppid, _ in table if ppid in found} - found
-        if not more:
-            return found
-        found |= more
+    found = group_members(pid) - {pid}
+    if leader and process_alive(pid):
+        found.add(pid)
+    for member in list(found):
+        try:
+            found |= {child.pid for child in psutil.Process(member).children(recursive=True)}
+        except psutil.Error:  # gone meanwhile: nothing of it left to find
+            continue
+    return found
 
 
 def _kill(pids: set[int], sig: int) -> None:

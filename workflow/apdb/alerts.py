@@ -1,12 +1,15 @@
-"""Build, serialize and send alert packets (lsst-alert-packet schema 11.1).
+"""Build, serialize and send alert packets (lsst-alert-packet schemas, 11.0 by default).
 
 One alert per DiaSource: ``diaSourceId`` (the alert id in schema 11), ``diaSource``,
 ``diaObject``, ``prvDiaSources`` (the object's preloaded history) and three FITS
-cutouts (difference, science, template).  The schema is pinned to `SCHEMA_VERSION`,
-read from the installed ``lsst.alert.packet`` package directory and parsed once per
-process.  Packets go to Kafka with the Confluent wire framing (magic byte 0, 4-byte
-big-endian schema id `SCHEMA_ID`, Avro body), or, when no broker is configured, to
-one Avro object-container file per detector-visit.
+cutouts (difference, science, template).  The schema is an `AlertSchema`: a version
+shipped by the installed ``lsst.alert.packet`` (read from its package directory,
+parsed once per process and version) and the registry id of the wire framing.  The
+configuration chooses it (``alerts.schema_version``, ``alerts.schema_id``); the
+default, `DEFAULT_SCHEMA`, is Rubin's production stream: 11.0, id 1100, on topic
+``lsst-alerts-v11``.  Packets go to Kafka with the Confluent wire framing (magic
+byte 0, 4-byte big-endian schema id, Avro body), or, when no broker is configured,
+to one Avro object-container file per detector-visit.
 
 Sending is at most once: callers check the sink (`KafkaAlertSink.check`) before the
 APDB store and send only when the store actually wrote (see
@@ -16,8 +19,10 @@ APDB store and send only when the store actually wrote (see
 from __future__ import annotations
 
 __all__ = [
+    "DEFAULT_SCHEMA",
     "SCHEMA_ID",
     "SCHEMA_VERSION",
+    "AlertSchema",
     "AlertBuildError",
     "AlertDeliveryError",
     "AlertSink",
@@ -58,15 +63,73 @@ from workflow.core.exceptions import NonRetriableError, RetriableError
 
 _log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = (11, 1)
-"""Pinned alert schema version (major, minor): the latest in lsst-alert-packet 30.2026.2700."""
+SCHEMA_VERSION = (11, 0)
+"""Default alert schema version (major, minor): Rubin's production stream (``lsst-alerts-v11``).
+
+lsst-alert-packet 30.2026.2700 also ships 11.1 (its latest: four more DiaSource
+fields), which brokers that accept only the production ids refuse.
+"""
 SCHEMA_ID = SCHEMA_VERSION[0] * 100 + SCHEMA_VERSION[1]
-"""Schema-registry id in the wire framing (1101), as ``Schema.get_schema_id`` derives it."""
+"""Default schema-registry id in the wire framing (1100), as ``Schema.get_schema_id`` derives it."""
 _MAGIC = 0
-_HEADER = struct.pack(">bI", _MAGIC, SCHEMA_ID)
 _FITS_BLOCK = 2880
 _RECORDS_PER_BLOCK = 64
 """Alerts per block of an Avro container file (~3 MB at 45 kB each)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class AlertSchema:
+    """The alert schema packets are written with: a lsst.alert.packet version and its registry id.
+
+    Parameters
+    ----------
+    version : `tuple` [`int`, `int`]
+        ``(major, minor)``, a version the installed lsst.alert.packet ships.
+    schema_id : `int`, optional
+        Registry id in the framing; default ``major * 100 + minor`` (``Schema.get_schema_id``).
+    """
+
+    version: tuple[int, int]
+    schema_id: int = -1
+
+    def __post_init__(self) -> None:
+        major, minor = (int(v) for v in self.version)
+        object.__setattr__(self, "version", (major, minor))
+        if self.schema_id == -1:
+            object.__setattr__(self, "schema_id", major * 100 + minor)
+        if isinstance(self.schema_id, bool) or not 0 <= self.schema_id < 2**32:
+            raise ValueError(f"alert schema id must be an int in [0, 2**32), got {self.schema_id!r}")
+
+    @property
+    def name(self) -> str:
+        """``<major>.<minor>`` (`str`)."""
+        return f"{self.version[0]}.{self.version[1]}"
+
+    @property
+    def header(self) -> bytes:
+        """The 5-byte wire framing: magic byte 0 and the big-endian id (`bytes`)."""
+        return struct.pack(">bI", _MAGIC, self.schema_id)
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> AlertSchema:
+        """Return the schema of ``alerts.schema_version`` / ``alerts.schema_id`` (default `DEFAULT_SCHEMA`).
+
+        Raises
+        ------
+        ValueError
+            If the version is not ``<major>.<minor>``.
+        """
+        section = config.get("alerts") or {}
+        text = str(section.get("schema_version") or DEFAULT_SCHEMA.name)
+        major, dot, minor = text.partition(".")
+        if not (dot and major.isdigit() and minor.isdigit()):
+            raise ValueError(f"alerts.schema_version {text!r}: expected <major>.<minor>, e.g. 11.0")
+        schema_id = section.get("schema_id")
+        return cls((int(major), int(minor)), -1 if schema_id is None else int(schema_id))
+
+
+DEFAULT_SCHEMA = AlertSchema(SCHEMA_VERSION, SCHEMA_ID)
+"""Rubin's production alert schema: 11.0, registry id 1100."""
 
 
 class AlertDeliveryError(RetriableError, ConnectionError):
@@ -88,28 +151,35 @@ class AlertSummary:
     seconds: float
 
 
-def _schema_dir() -> Path:
-    """Directory of the pinned schema inside the installed lsst.alert.packet (no import)."""
+def _schema_dir(version: tuple[int, int]) -> Path:
+    """Directory of a schema version inside the installed lsst.alert.packet (no import)."""
     spec = importlib.util.find_spec("lsst.alert.packet")
     if spec is None or not spec.submodule_search_locations:
         raise AlertBuildError("lsst.alert.packet is not installed")
-    major, minor = SCHEMA_VERSION
-    return Path(list(spec.submodule_search_locations)[0]) / "schema" / str(major) / str(minor)
+    major, minor = version
+    path = Path(list(spec.submodule_search_locations)[0]) / "schema" / str(major) / str(minor)
+    if not path.is_dir():
+        raise AlertBuildError(f"alert schema {major}.{minor} is not in the installed lsst.alert.packet ({path})")
+    return path
+
+
+def alert_schema(version: tuple[int, int] = SCHEMA_VERSION) -> dict[str, Any]:
+    """Return the parsed fastavro schema of an alert version (default `SCHEMA_VERSION`; cached)."""
+    return _load_alert_schema((int(version[0]), int(version[1])))  # one cache key per version
 
 
 @functools.cache
-def alert_schema() -> dict[str, Any]:
-    """Return the parsed fastavro schema of the pinned alert version (cached)."""
-    major, minor = SCHEMA_VERSION
-    schema = fastavro.schema.load_schema(str(_schema_dir() / f"lsst.v{major}_{minor}.alert.avsc"))
+def _load_alert_schema(version: tuple[int, int]) -> dict[str, Any]:
+    major, minor = version
+    schema = fastavro.schema.load_schema(str(_schema_dir(version) / f"lsst.v{major}_{minor}.alert.avsc"))
     return cast(dict[str, Any], schema)  # a record schema parses to a dict
 
 
 @functools.cache
-def _record_fields(name: str) -> tuple[tuple[str, str, bool], ...]:
+def _record_fields(name: str, version: tuple[int, int]) -> tuple[tuple[str, str, bool], ...]:
     """(field, avro type, nullable) of one record schema (``diaSource``, ``diaObject``)."""
-    major, minor = SCHEMA_VERSION
-    with open(_schema_dir() / f"lsst.v{major}_{minor}.{name}.avsc") as stream:
+    major, minor = version
+    with open(_schema_dir(version) / f"lsst.v{major}_{minor}.{name}.avsc") as stream:
         fields = json.load(stream)["fields"]
     out = []
     for field in fields:
@@ -127,11 +197,13 @@ def _is_null(value: Any) -> bool:
     return value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value))
 
 
-def _records(frame: pd.DataFrame, name: str, fill: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+def _records(
+    frame: pd.DataFrame, name: str, version: tuple[int, int], fill: Mapping[str, Any] | None = None
+) -> list[dict[str, Any]]:
     """Turn a catalog into Avro records of schema ``name``; NaN/NA become null."""
     fill = fill or {}
     columns: dict[str, list[Any]] = {}
-    for field, kind, nullable in _record_fields(name):
+    for field, kind, nullable in _record_fields(name, version):
         convert = _CONVERT.get(kind, lambda v: v)
         if field in frame.columns:
             values = [None if _is_null(v) else convert(v) for v in frame[field].tolist()]
@@ -139,7 +211,7 @@ def _records(frame: pd.DataFrame, name: str, fill: Mapping[str, Any] | None = No
             values = [None] * len(frame)
         if not nullable and any(v is None for v in values):
             if field not in fill:
-                raise AlertBuildError(f"{name} field {field!r} is required by alert schema {SCHEMA_VERSION}")
+                raise AlertBuildError(f"{name} field {field!r} is required by alert schema {version}")
             values = [convert(fill[field]) if v is None else v for v in values]
         columns[field] = values
     names = list(columns)
@@ -215,6 +287,7 @@ def build_alerts(
     *,
     cutouts: Mapping[str, CutoutMaker] | None = None,
     visit_mjd_tai: float | None = None,
+    schema: AlertSchema | None = None,
 ) -> list[dict[str, Any]]:
     """Build one alert record per DiaSource.
 
@@ -231,27 +304,32 @@ def build_alerts(
         Keys ``difference``, ``science``, ``template``; a missing key gives a null cutout.
     visit_mjd_tai : `float`, optional
         Fills ``diaObject.validityStartMjdTai`` where unset.
+    schema : `AlertSchema`, optional
+        Schema whose fields the records get (default `DEFAULT_SCHEMA`).
 
     Returns
     -------
     alerts : `list` [`dict`]
-        Records of the pinned alert schema.
+        Records of the alert schema.
 
     Raises
     ------
     AlertBuildError
         If a field the schema requires is missing.
     """
-    src_records = _records(sources, "diaSource")
+    version = (schema or DEFAULT_SCHEMA).version
+    src_records = _records(sources, "diaSource", version)
     obj_fill = {"validityStartMjdTai": visit_mjd_tai} if visit_mjd_tai is not None else {}
-    obj_records = dict(zip(objects["diaObjectId"].tolist(), _records(objects, "diaObject", obj_fill), strict=False))
+    obj_records = dict(
+        zip(objects["diaObjectId"].tolist(), _records(objects, "diaObject", version, obj_fill), strict=False)
+    )
     prv: dict[int, list[dict[str, Any]]] = {}
     if history is not None and len(history):
         ids = set(sources["diaObjectId"].tolist())
         visits = set(sources["visit"].tolist())
         past = history[history["diaObjectId"].isin(ids) & ~history["visit"].isin(visits)]
         past = past.sort_values("midpointMjdTai", kind="stable")
-        for record in _records(past, "diaSource"):
+        for record in _records(past, "diaSource", version):
             prv.setdefault(record["diaObjectId"], []).append(record)
     makers = cutouts or {}
     xs, ys = sources["x"].to_numpy(float), sources["y"].to_numpy(float)
@@ -271,18 +349,18 @@ def build_alerts(
 
 
 @functools.cache
-def _alert_writer() -> Writer | None:
-    """The compiled encoder of the alert schema, or `None` if the schema has a type it does not compile."""
+def _alert_writer(version: tuple[int, int]) -> Writer | None:
+    """The compiled encoder of an alert schema, or `None` if the schema has a type it does not compile."""
     try:
-        return compile_writer(alert_schema())
+        return compile_writer(alert_schema(version))
     except EncodeMismatch as exc:
-        _log.warning("alert schema %s: compiled encoder unavailable (%s); using fastavro", SCHEMA_VERSION, exc)
+        _log.warning("alert schema %s: compiled encoder unavailable (%s); using fastavro", version, exc)
         return None
 
 
-def _encode_into(out: bytearray, alert: Mapping[str, Any]) -> None:
+def _encode_into(out: bytearray, alert: Mapping[str, Any], version: tuple[int, int]) -> None:
     """Append the Avro body of one alert: compiled if it takes the values, else fastavro."""
-    writer = _alert_writer()
+    writer = _alert_writer(version)
     if writer is not None:
         mark = len(out)
         try:
@@ -291,65 +369,76 @@ def _encode_into(out: bytearray, alert: Mapping[str, Any]) -> None:
         except EncodeMismatch:
             del out[mark:]  # a value outside the compiled checks: fastavro writes it, or says what is wrong
     buffer = io.BytesIO()
-    fastavro.schemaless_writer(buffer, alert_schema(), dict(alert))
+    fastavro.schemaless_writer(buffer, alert_schema(version), dict(alert))
     out += buffer.getvalue()
 
 
-def serialize_alert(alert: Mapping[str, Any]) -> bytes:
+def serialize_alert(alert: Mapping[str, Any], schema: AlertSchema | None = None) -> bytes:
     """Return the framed bytes of one alert: magic 0, schema id (big-endian), Avro body.
 
-    The body is what ``fastavro.schemaless_writer`` writes; the compiled encoder
-    (`workflow.apdb.avro_codec`) writes it at 1/2 to 1/4 of the CPU, and hands any alert
-    with a value it does not take to fastavro, which then writes it or raises.
+    The body is what ``fastavro.schemaless_writer`` writes with ``schema`` (default
+    `DEFAULT_SCHEMA`); the compiled encoder (`workflow.apdb.avro_codec`, compiled from
+    that schema) writes it at 1/2 to 1/4 of the CPU, and hands any alert with a value
+    it does not take to fastavro, which then writes it or raises.
     """
-    out = bytearray(_HEADER)
-    _encode_into(out, alert)
+    schema = schema or DEFAULT_SCHEMA
+    out = bytearray(schema.header)
+    _encode_into(out, alert, schema.version)
     return bytes(out)
 
 
-def write_alert_file(stream: BinaryIO, alerts: Sequence[Mapping[str, Any]]) -> None:
+def write_alert_file(stream: BinaryIO, alerts: Sequence[Mapping[str, Any]], schema: AlertSchema | None = None) -> None:
     """Write alerts as an Avro object-container file (what ``fastavro.writer`` writes, ~1/3 of the CPU).
 
-    The header comes from fastavro (schema, null codec, sync marker); the blocks of
-    records are encoded as in `serialize_alert`.  ``fastavro.reader`` reads it back.
+    The header comes from fastavro (``schema``, default `DEFAULT_SCHEMA`; null codec;
+    sync marker); the blocks of records are encoded as in `serialize_alert`.
+    ``fastavro.reader`` reads it back.
     """
+    version = (schema or DEFAULT_SCHEMA).version
     marker = os.urandom(16)
-    fastavro.writer(stream, alert_schema(), [], sync_marker=marker)  # header only
+    fastavro.writer(stream, alert_schema(version), [], sync_marker=marker)  # header only
     for start in range(0, len(alerts), _RECORDS_PER_BLOCK):
         block = alerts[start : start + _RECORDS_PER_BLOCK]
         body = bytearray()
         for alert in block:
-            _encode_into(body, alert)
+            _encode_into(body, alert, version)
         stream.write(encode_long(len(block)) + encode_long(len(body)))
         stream.write(body)
         stream.write(marker)
 
 
-def serialize_alert_fastavro(alert: Mapping[str, Any]) -> bytes:
+def serialize_alert_fastavro(alert: Mapping[str, Any], schema: AlertSchema | None = None) -> bytes:
     """`serialize_alert` by ``fastavro.schemaless_writer`` alone (the reference encoder)."""
+    schema = schema or DEFAULT_SCHEMA
     buffer = io.BytesIO()
-    buffer.write(_HEADER)
-    fastavro.schemaless_writer(buffer, alert_schema(), dict(alert))
+    buffer.write(schema.header)
+    fastavro.schemaless_writer(buffer, alert_schema(schema.version), dict(alert))
     return buffer.getvalue()
 
 
-def deserialize_alert(payload: bytes) -> dict[str, Any]:
-    """Decode bytes written by `serialize_alert`, checking the framing.
+def deserialize_alert(payload: bytes, schema: AlertSchema | None = None) -> dict[str, Any]:
+    """Decode bytes written by `serialize_alert` with ``schema`` (default `DEFAULT_SCHEMA`), checking the framing.
 
     Raises
     ------
     AlertBuildError
-        If the magic byte or the schema id is not ours.
+        If the magic byte or the schema id is not the schema's.
     """
+    schema = schema or DEFAULT_SCHEMA
     magic, schema_id = struct.unpack(">bI", payload[:5])
-    if magic != _MAGIC or schema_id != SCHEMA_ID:
-        raise AlertBuildError(f"alert framing: magic {magic}, schema id {schema_id}; expected 0 and {SCHEMA_ID}")
-    record = fastavro.schemaless_reader(io.BytesIO(payload[5:]), alert_schema(), None)
+    if magic != _MAGIC or schema_id != schema.schema_id:
+        raise AlertBuildError(
+            f"alert framing: magic {magic}, schema id {schema_id}; expected 0 and {schema.schema_id} "
+            f"(alert schema {schema.name})"
+        )
+    record = fastavro.schemaless_reader(io.BytesIO(payload[5:]), alert_schema(schema.version), None)
     return cast(dict[str, Any], record)  # the alert schema is a record: read as a dict
 
 
 class AlertSink(Protocol):
     """Where alerts go (`KafkaAlertSink`, `AvroFileAlertSink`): ``check`` before the store, then ``send``."""
+
+    schema: AlertSchema
 
     def check(self) -> None: ...  # noqa: D102
     def send(self, alerts: Sequence[Mapping[str, Any]], *, visit: int, detector: int) -> AlertSummary: ...  # noqa: D102
@@ -381,7 +470,9 @@ class KafkaAlertSink:
     producer_config : `~collections.abc.Mapping`, optional
         Extra librdkafka settings (e.g. SASL), over `PRODUCER_DEFAULTS`.
     serializer : callable, optional
-        Alert record -> message bytes; default `serialize_alert`.
+        Alert record -> message bytes; default `serialize_alert` with ``schema``.
+    schema : `AlertSchema`, optional
+        Schema of the packets (default `DEFAULT_SCHEMA`).
     """
 
     def __init__(
@@ -391,12 +482,14 @@ class KafkaAlertSink:
         *,
         timeout_s: float = 30.0,
         producer_config: Mapping[str, Any] | None = None,
-        serializer: Callable[[Mapping[str, Any]], bytes] = serialize_alert,
+        serializer: Callable[[Mapping[str, Any]], bytes] | None = None,
+        schema: AlertSchema | None = None,
     ) -> None:
         from confluent_kafka import Producer
 
         self.bootstrap, self.topic, self.timeout_s = bootstrap, topic, timeout_s
-        self._serialize = serializer
+        self.schema = schema or DEFAULT_SCHEMA
+        self._serialize = serializer or functools.partial(serialize_alert, schema=self.schema)
         config = {
             "bootstrap.servers": bootstrap,
             "message.timeout.ms": int(timeout_s * 1000),
@@ -457,7 +550,7 @@ class KafkaAlertSink:
             n_alerts=len(alerts),
             n_bytes=n_bytes,
             destination=f"kafka://{self.bootstrap}/{self.topic}",
-            schema_version=f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}",
+            schema_version=self.schema.name,
             seconds=time.monotonic() - start,
         )
 
@@ -476,10 +569,11 @@ class KafkaAlertSink:
 
 
 class AvroFileAlertSink:
-    """Write a detector-visit's alerts to one Avro object-container file (no broker)."""
+    """Write a detector-visit's alerts to one Avro object-container file (no broker), with ``schema``."""
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], schema: AlertSchema | None = None) -> None:
         self.path = Path(path)
+        self.schema = schema or DEFAULT_SCHEMA
 
     def check(self) -> None:
         """Make sure the output directory exists."""
@@ -491,14 +585,14 @@ class AvroFileAlertSink:
         self.check()
         tmp = self.path.with_name(self.path.name + ".tmp")
         with open(tmp, "wb") as stream:
-            write_alert_file(stream, alerts)
+            write_alert_file(stream, alerts, self.schema)
         os.replace(tmp, self.path)
         _log.info("visit %d detector %d: wrote %d alerts to %s", visit, detector, len(alerts), self.path)
         return AlertSummary(
             n_alerts=len(alerts),
             n_bytes=self.path.stat().st_size,
             destination=str(self.path),
-            schema_version=f"{SCHEMA_VERSION[0]}.{SCHEMA_VERSION[1]}",
+            schema_version=self.schema.name,
             seconds=time.monotonic() - start,
         )
 
@@ -509,13 +603,15 @@ def make_alert_sink(config: Mapping[str, Any], avro_path: str | os.PathLike[str]
     Parameters
     ----------
     config : `~collections.abc.Mapping`
-        Merged configuration (``kafka.bootstrap``, ``kafka_topics.alerts``).
+        Merged configuration (``kafka.bootstrap``, ``kafka_topics.alerts``, ``alerts``:
+        the schema, `AlertSchema.from_config`).
     avro_path : `str` or `os.PathLike`
         File for the no-broker case.
     **kwargs
         Passed to `KafkaAlertSink`.
     """
+    schema = AlertSchema.from_config(config)
     bootstrap = (config.get("kafka") or {}).get("bootstrap")
     if bootstrap:
-        return KafkaAlertSink(bootstrap, config["kafka_topics"]["alerts"], **kwargs)
-    return AvroFileAlertSink(avro_path)
+        return KafkaAlertSink(bootstrap, config["kafka_topics"]["alerts"], schema=schema, **kwargs)
+    return AvroFileAlertSink(avro_path, schema)

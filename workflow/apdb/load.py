@@ -109,7 +109,14 @@ def associate_store_alert(
     )
     alerts = None
     if sink is not None:
-        alerts = build_alerts(result.sources, result.objects, preloaded.sources, cutouts=cutouts, visit_mjd_tai=mjd)
+        alerts = build_alerts(
+            result.sources,
+            result.objects,
+            preloaded.sources,
+            cutouts=cutouts,
+            visit_mjd_tai=mjd,
+            schema=getattr(sink, "schema", None),  # the fields of the schema the sink writes
+        )
         sink.check()
         if outbox is not None:
             alerts = outbox.prepare(alerts)

@@ -7,9 +7,15 @@ merged config.
 Coordinates
 -----------
 *Focal plane*: millimetres, origin on the optical axis, flat.  Rafts layout:
-raft ``R{row}{col}`` is centred at ``((col-2), (row-2)) * raft_pitch_mm``
-(``RXX`` at the centre), sensor ``S{r}{c}`` at ``((c-1), (r-1)) *
-sensor_pitch_mm`` inside it.  Grid layout: cell ``(col, row)`` is centred at
+raft ``R{row}{col}`` is centred at ``((col-2), (row-2)) * raft_pitch_mm``,
+sensor ``S{r}{c}`` at ``((c-1), (r-1)) * sensor_pitch_mm`` inside it; a camera of
+one detector (LATISS's ``R00_S00``) sits on the optical axis.  Corner rafts
+(``focal_plane.corner_rafts``, LSSTCam's R00, R04, R40, R44) hold the guiders
+``SG0``/``SG1`` and the wavefront pair ``SW0``/``SW1``; they are numbered after the
+science detectors in raft order, each raft ``SG0, SG1, SW0, SW1``, as Rubin's
+obs_lsst numbers them (``R00_SG0`` = 189 ... ``R44_SW1`` = 204 for LSSTCam).  Their
+positions inside the raft are approximate (`_CORNER_OFFSETS`) and they share the
+science detectors' pixel geometry.  Grid layout: cell ``(col, row)`` is centred at
 ``(col - (columns-1)/2) * pitch_x_mm, (row - (rows-1)/2) * pitch_y_mm``.
 
 *Detector pixels*: 0-based ``(x, y)`` of the assembled image, pixel centres
@@ -53,6 +59,10 @@ from workflow.core.exceptions import ConfigError
 _log = logging.getLogger(__name__)
 
 _LSST_SENSORS = ("S00", "S01", "S02", "S10", "S11", "S12", "S20", "S21", "S22")
+_CORNER_SENSORS = ("SG0", "SG1", "SW0", "SW1")
+# Corner-sensor centres inside their raft, in sensor pitches (approximate, non-overlapping).
+_CORNER_OFFSETS = {"SG0": (-1.0, 1.0), "SG1": (1.0, -1.0), "SW0": (-0.5, -0.5), "SW1": (0.5, 0.5)}
+_CORNER_PURPOSE = {"SG0": "GUIDER", "SG1": "GUIDER", "SW0": "WAVEFRONT", "SW1": "WAVEFRONT"}
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -73,6 +83,8 @@ class Detector:
         Rotation of the detector axes relative to the focal-plane axes.
     active : `bool`
         Whether prompt processing runs on it.
+    purpose : `str`
+        ``SCIENCE``, ``GUIDER`` or ``WAVEFRONT`` (Butler ``detector.purpose``).
     """
 
     id: int
@@ -82,6 +94,7 @@ class Detector:
     center_mm: tuple[float, float]
     orientation_deg: float
     active: bool
+    purpose: str = "SCIENCE"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -381,20 +394,24 @@ def _layout_rafts(focal_plane: Mapping[str, Any]) -> list[dict[str, Any]]:
     sensor_pitch = float(focal_plane["sensor_pitch_mm"])
     sensors = sorted(focal_plane["sensors"], key=_LSST_SENSORS.index)
     out: list[dict[str, Any]] = []
+
+    def add(raft: str, sensor: str, offset: tuple[float, float], purpose: str) -> None:
+        u = (int(raft[2]) - 2) * raft_pitch + offset[0] * sensor_pitch
+        v = (int(raft[1]) - 2) * raft_pitch + offset[1] * sensor_pitch
+        name = f"{raft}_{sensor}"
+        out.append(
+            {"id": len(out), "name": name, "raft": raft, "sensor": sensor, "center_mm": (u, v), "purpose": purpose}
+        )
+
     for raft in focal_plane["rafts"]:
-        if raft == "RXX":
-            raft_x = raft_y = 0.0
-        else:
-            raft_x = (int(raft[2]) - 2) * raft_pitch
-            raft_y = (int(raft[1]) - 2) * raft_pitch
         for sensor in sensors:
-            u = raft_x + (int(sensor[2]) - 1) * sensor_pitch
-            v = raft_y + (int(sensor[1]) - 1) * sensor_pitch
-            if raft == "RXX" and len(sensors) == 1:
-                u, v = 0.0, 0.0
-            out.append(
-                {"id": len(out), "name": f"{raft}_{sensor}", "raft": raft, "sensor": sensor, "center_mm": (u, v)}
-            )
+            add(raft, sensor, (int(sensor[2]) - 1.0, int(sensor[1]) - 1.0), "SCIENCE")
+    if len(out) == 1:  # a one-CCD camera (LATISS): its detector is on the optical axis
+        out[0]["center_mm"] = (0.0, 0.0)
+    corner_sensors = sorted(focal_plane.get("corner_sensors", []), key=_CORNER_SENSORS.index)
+    for raft in focal_plane.get("corner_rafts", []):
+        for sensor in corner_sensors:
+            add(raft, sensor, _CORNER_OFFSETS[sensor], _CORNER_PURPOSE[sensor])
     return out
 
 
@@ -466,5 +483,20 @@ def instrument_for_run(config: Mapping[str, Any]) -> Instrument:
     """Return the configured instrument at the run's simulation scale (cached)."""
     sections = {k: config[k] for k in ("instrument", "detector", "focal_plane", "active_detectors", "filters", "raw")}
     return _instrument_cached(
-        config["instrument"]["name"], json.dumps(sections, sort_keys=True), float(config["simulation"]["scale"])
+        config["instrument"]["name"],
+        json.dumps(_str_keys(sections), sort_keys=True),
+        float(config["simulation"]["scale"]),
     )
+
+
+def _str_keys(value: Any) -> Any:
+    """``value`` with every mapping key a string, as JSON has them.
+
+    A YAML file's ``overrides: {189: false}`` has integer keys and a JSON or
+    command-line layer ``{"0": true}`` string keys; merged, they cannot be sorted.
+    """
+    if isinstance(value, Mapping):
+        return {str(k): _str_keys(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_str_keys(v) for v in value]
+    return value

@@ -4,6 +4,11 @@ Each instrument config names a ``raw.key_template`` such as
 ``{instrument}/{day_obs}/{obs_id}/{obs_id}_{detector_name}.fits``.  This module
 formats keys from raw metadata (the camera testers, replay) and parses keys back into
 fields (raw-arrival notifications, bucket listings at ingest).
+
+Parsing accepts what Rubin's own parser (``shared/raw.py`` of prompt_processing)
+accepts: a template ending ``.fits`` also matches the compressed forms ``.fits.fz``
+and ``.fits.gz``, and detector names include LSSTCam's corner sensors
+(``R00_SG0``, ``R00_SG1``, ``R00_SW0``, ``R00_SW1`` and the other corner rafts).
 """
 
 from __future__ import annotations
@@ -30,13 +35,17 @@ _FIELD_PATTERNS = {
     "day_obs": r"\d{8}",
     "obs_id": r"[A-Z]{2}_[A-Z]_\d{8}_\d{6}",
     "detector": r"\d+",
-    "detector_name": r"R[0-9X]{2}_S[0-9]{2}|[A-Za-z0-9]+",
+    # Raft cameras: science sensors S00..S22 and corner guider/wavefront sensors SG0, SG1,
+    # SW0, SW1; grid cameras name detectors by number ("042").
+    "detector_name": r"R\d{2}_S(?:\d{2}|[GW]\d)|[A-Za-z0-9]+",
     "group": r"[^/]+?",
     "snap": r"\d+",
     "exposure": r"\d+",
     "physical_filter": r"[^/]+?",
 }
 _INT_FIELDS = {"detector", "snap", "exposure"}
+# Compressed forms of a ``.fits`` raw that a ``.fits`` template also matches.
+_FITS_SUFFIX = r"\.fits(?:\.fz|\.gz)?"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -75,8 +84,11 @@ def lsst_exposure_id(day_obs: str, seq_num: int) -> int:
 
 
 def sidecar_key(raw_key: str) -> str:
-    """Return the key of the JSON sidecar that accompanies an LSST-camera raw."""
-    return re.sub(r"\.(fits|fz)$", "", raw_key) + ".json"
+    """Return the key of the JSON sidecar that accompanies an LSST-camera raw.
+
+    The sidecar replaces the whole extension: ``x.fits``, ``x.fits.fz`` -> ``x.json``.
+    """
+    return re.sub(r"(\.fits)?(\.fz|\.gz)?$", "", raw_key) + ".json"
 
 
 class RawKeyLayout:
@@ -117,6 +129,9 @@ class RawKeyLayout:
         parts = ["^"]
         seen: set[str] = set()
         for literal, field, _, _ in string.Formatter().parse(template):
+            if field is None and literal.endswith(".fits"):  # the key's tail: compressed forms too
+                parts.append(re.escape(literal.removesuffix(".fits")) + _FITS_SUFFIX)
+                continue
             parts.append(re.escape(literal))
             if field is None:
                 continue

@@ -2,7 +2,11 @@
 
 The summit's ScriptQueue publishes a ``nextVisit`` event before each visit.
 It reaches us as JSON or as Avro (the summit's ``logevent_nextVisit``
-record, usually with Confluent schema-registry framing).  `NextVisit` is the
+record, usually with Confluent schema-registry framing).  The schema id in the
+framing selects the writer schema (`workflow.core.schema_registry`: a registry,
+or shipped files keyed by id); the body is resolved from it to our reader
+schema, `next_visit_schema`, so a field the summit adds, drops or moves is read
+right, and an id nobody knows raises `UnknownSchemaError`.  `NextVisit` is the
 whole-focal-plane message; `NextVisit.fan_out` turns it into one
 `DetectorVisit` per detector, the form the workflow's visit files hold.
 
@@ -32,6 +36,7 @@ __all__ = [
     "NextVisit",
     "DetectorVisit",
     "next_visit_schema",
+    "UnknownSchemaError",
     "decode_next_visit",
     "check_usable",
     "parse_next_visit",
@@ -39,7 +44,6 @@ __all__ = [
 
 import dataclasses
 import enum
-import functools
 import io
 import json
 import logging
@@ -47,8 +51,7 @@ import math
 import numbers
 import struct
 from collections.abc import Callable, Collection, Iterable, Mapping
-from importlib import resources
-from typing import Any, Self, cast
+from typing import Any, Self
 
 import fastavro
 from astropy.time import Time, TimeDelta
@@ -62,11 +65,10 @@ from workflow.core.exceptions import (
 )
 from workflow.core.identifiers import MAX_DETECTOR, check_identifier
 from workflow.core.log_fields import shorten
+from workflow.core.schema_registry import NEXT_VISIT_SCHEMA_ID, SchemaSource, UnknownSchemaError, shipped_schemas
 
 _log = logging.getLogger(__name__)
 
-_SCHEMA_PACKAGE = "workflow.data"
-_SCHEMA_FILE = "next_visit.avsc"
 _MAGIC_BYTE = 0
 _FRAME_HEADER = struct.Struct(">bI")
 _DAY_OBS_OFFSET = TimeDelta(12 * 3600.0, format="sec")
@@ -422,7 +424,13 @@ class NextVisit(BaseVisit):
         return f"NextVisit({self.instrument}, group={self.groupId}, survey={shorten(self.survey)})"
 
     @classmethod
-    def from_avro(cls, data: bytes, *, writer_schema: Mapping[str, Any] | None = None) -> NextVisit:
+    def from_avro(
+        cls,
+        data: bytes,
+        *,
+        writer_schema: Mapping[str, Any] | None = None,
+        schemas: SchemaSource | None = None,
+    ) -> NextVisit:
         """Build a message from the summit's Avro form.
 
         Parameters
@@ -430,12 +438,15 @@ class NextVisit(BaseVisit):
         data : `bytes`
             An Avro body, bare or with Confluent schema-registry framing
             (magic byte 0, 4-byte big-endian schema id, body).  Framing is
-            detected: if both readings decode, the framed one wins.
+            detected: if both readings decode, the framed one wins.  A framed
+            body is read with the writer schema of its id, resolved to
+            `next_visit_schema`; a bare one with `next_visit_schema` itself.
         writer_schema : `~collections.abc.Mapping`, optional
-            Schema the body was written with (e.g. fetched from the registry
-            for the frame's schema id).  Defaults to the shipped summit
-            schema, `next_visit_schema`.  Fields it lacks take the shipped
-            schema's defaults.
+            Schema the body was written with, whatever the id says.  Fields it
+            lacks take the reader schema's defaults.
+        schemas : `workflow.core.schema_registry.SchemaSource`, optional
+            Where the writer schema of a frame's id comes from (default: the
+            shipped schemas, `workflow.core.schema_registry.shipped_schemas`).
 
         Returns
         -------
@@ -444,20 +455,27 @@ class NextVisit(BaseVisit):
 
         Raises
         ------
+        UnknownSchemaError
+            Raised (an `InvalidVisit`) if the bytes are framed with an id that
+            ``schemas`` does not know and do not read as a bare body either.
+        workflow.core.schema_registry.SchemaRegistryUnavailableError
+            Raised (a `RetriableError`) if the registry cannot be asked.
         InvalidVisit
             Raised if the bytes do not decode, or as for `from_dict`.
         """
-        record = _decode_avro(bytes(data), writer_schema)
+        record = _decode_avro(bytes(data), writer_schema, schemas or shipped_schemas())
         return cls.from_dict(record)
 
     def to_avro(self, schema_id: int | None = None) -> bytes:
-        """Encode the message with the summit's Avro schema.
+        """Encode the message with the summit's Avro schema (`next_visit_schema`).
 
         Parameters
         ----------
         schema_id : `int`, optional
             Schema-registry id.  If given, the body is framed (magic byte 0,
-            4-byte big-endian id); otherwise the bare body is returned.
+            4-byte big-endian id); otherwise the bare body is returned.  The
+            shipped schemas know it as `NEXT_VISIT_SCHEMA_ID`
+            (`workflow.core.schema_registry`); a registry, under its own id.
             Summit fields that `NextVisit` does not hold get their defaults.
 
         Returns
@@ -535,7 +553,10 @@ class DetectorVisit(BaseVisit):
 
 
 def next_visit_schema() -> dict[str, Any]:
-    """Return the summit's ``logevent_nextVisit`` Avro schema, parsed.
+    """Return the summit's ``logevent_nextVisit`` Avro schema, parsed: our reader schema.
+
+    It is the shipped schema of id `NEXT_VISIT_SCHEMA_ID`
+    (``workflow/data/next_visit.1.avsc``).
 
     Returns
     -------
@@ -543,21 +564,19 @@ def next_visit_schema() -> dict[str, Any]:
         The schema as parsed by `fastavro.parse_schema`; shared and cached,
         so do not modify it.
     """
-    return _load_schema()
-
-
-@functools.cache
-def _load_schema() -> dict[str, Any]:
-    text = resources.files(_SCHEMA_PACKAGE).joinpath(_SCHEMA_FILE).read_text(encoding="utf-8")
-    return cast(dict[str, Any], fastavro.parse_schema(json.loads(text)))  # a record schema parses to a dict
+    schema = shipped_schemas().writer_schema(NEXT_VISIT_SCHEMA_ID)
+    if schema is None:
+        raise RuntimeError(f"the shipped next_visit schema (id {NEXT_VISIT_SCHEMA_ID}) is missing from workflow/data")
+    return schema
 
 
 def _read_body(body: bytes, writer_schema: Mapping[str, Any] | None) -> dict[str, Any]:
     buffer = io.BytesIO(body)
-    if writer_schema is None:
-        record = fastavro.schemaless_reader(buffer, next_visit_schema())
+    reader = next_visit_schema()
+    if writer_schema is None or writer_schema is reader:
+        record = fastavro.schemaless_reader(buffer, reader)
     else:
-        record = fastavro.schemaless_reader(buffer, dict(writer_schema), next_visit_schema())
+        record = fastavro.schemaless_reader(buffer, dict(writer_schema), reader)
     if buffer.tell() != len(body):
         raise ValueError(f"{len(body) - buffer.tell()} bytes left over after the record")
     if not isinstance(record, dict):
@@ -565,21 +584,39 @@ def _read_body(body: bytes, writer_schema: Mapping[str, Any] | None) -> dict[str
     return record
 
 
-def _decode_avro(data: bytes, writer_schema: Mapping[str, Any] | None) -> dict[str, Any]:
-    attempts: list[tuple[str, bytes]] = []
-    if len(data) > _FRAME_HEADER.size and data[0] == _MAGIC_BYTE:
-        attempts.append(("framed", data[_FRAME_HEADER.size :]))
-    attempts.append(("bare", data))
+def _decode_avro(data: bytes, writer_schema: Mapping[str, Any] | None, schemas: SchemaSource) -> dict[str, Any]:
+    """Read framed (writer schema by id) or bare (the reader schema) Avro; framed first.
+
+    A bare body may start with a zero byte too (``private_efdStamp`` 0.0 does), so a
+    frame whose id is unknown is read as bare before it is called unknown; id 0,
+    which a registry never assigns (its ids start at 1), is no frame at all.
+    """
+    attempts: list[tuple[str, bytes, Mapping[str, Any] | None]] = []
+    unknown_id: int | None = None
+    framed = len(data) > _FRAME_HEADER.size and data[0] == _MAGIC_BYTE
+    schema_id = _FRAME_HEADER.unpack_from(data)[1] if framed else 0
+    if framed and (schema_id != 0 or writer_schema is not None):
+        framed_writer = writer_schema if writer_schema is not None else schemas.writer_schema(schema_id)
+        if framed_writer is None:
+            unknown_id = schema_id
+        else:
+            attempts.append((f"framed Avro (schema id {schema_id})", data[_FRAME_HEADER.size :], framed_writer))
+    attempts.append(("bare Avro", data, writer_schema))
     errors = []
-    for kind, body in attempts:
+    for kind, body, writer in attempts:
         try:
-            record = _read_body(body, writer_schema)
+            record = _read_body(body, writer)
         except Exception as e:  # noqa: BLE001 - fastavro raises many types on bad bytes
-            errors.append(f"as {kind} Avro: {type(e).__name__}: {shorten(str(e))}")
+            errors.append(f"as {kind}: {type(e).__name__}: {shorten(str(e))}")
             continue
-        if kind == "framed":
-            _log.debug("Decoded framed Avro next_visit, schema id %d.", _FRAME_HEADER.unpack_from(data)[1])
+        _log.debug("Decoded next_visit as %s.", kind)
         return record
+    if unknown_id is not None:
+        raise UnknownSchemaError(
+            f"next_visit framed with Avro schema id {unknown_id}, which the {schemas.describe()} does not know "
+            f"(and it does not read as bare Avro: {'; '.join(errors)})",
+            schema_id=unknown_id,
+        )
     raise InvalidVisit(f"next_visit does not decode ({'; '.join(errors)})")
 
 
@@ -587,7 +624,9 @@ def _decode_avro(data: bytes, writer_schema: Mapping[str, Any] | None) -> dict[s
 # Parse, check, both
 
 
-def decode_next_visit(data: str | bytes | bytearray | Mapping[str, Any]) -> NextVisit:
+def decode_next_visit(
+    data: str | bytes | bytearray | Mapping[str, Any], *, schemas: SchemaSource | None = None
+) -> NextVisit:
     """Parse a next_visit from JSON or Avro, detecting which.
 
     Parameters
@@ -597,6 +636,9 @@ def decode_next_visit(data: str | bytes | bytearray | Mapping[str, Any]) -> Next
         (framed or bare).  Bytes are read as JSON if they parse as JSON,
         otherwise as Avro; if they look like JSON (start with ``{`` or
         ``[``) and fail both ways, the JSON error is reported.
+    schemas : `workflow.core.schema_registry.SchemaSource`, optional
+        Writer schemas of framed Avro by id (default: the shipped ones); see
+        `NextVisit.from_avro`.
 
     Returns
     -------
@@ -605,6 +647,11 @@ def decode_next_visit(data: str | bytes | bytearray | Mapping[str, Any]) -> Next
 
     Raises
     ------
+    UnknownSchemaError
+        Raised (an `InvalidVisit`) if framed Avro names a schema id ``schemas``
+        does not know.
+    workflow.core.schema_registry.SchemaRegistryUnavailableError
+        Raised (a `RetriableError`) if the schema registry cannot be asked.
     InvalidVisit
         Raised if the message is malformed (nested too deeply to parse,
         included); the message names the field.
@@ -622,9 +669,9 @@ def decode_next_visit(data: str | bytes | bytearray | Mapping[str, Any]) -> Next
         raise InvalidVisit(_NESTED) from None
     except ValueError as e:
         if data.lstrip()[:1] not in (b"{", b"["):
-            return NextVisit.from_avro(data)
+            return NextVisit.from_avro(data, schemas=schemas)
         try:
-            return NextVisit.from_avro(data)
+            return NextVisit.from_avro(data, schemas=schemas)
         except InvalidVisit:
             raise InvalidVisit(f"next_visit is not valid JSON: {shorten(str(e))}") from e
     return NextVisit.from_dict(decoded)

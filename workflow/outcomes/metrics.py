@@ -11,8 +11,9 @@ demo) without parsing logs:
   imports included) and its CPU seconds.
 
 `render_prometheus` turns a mapping of counters into the Prometheus text exposition
-format (version 0.0.4); the stream shim serves it, and the report writes the night's
-counters with it for a node-exporter textfile collector.
+format (version 0.0.4) through `prometheus_client`; the report writes the night's
+counters with it for a node-exporter textfile collector, and `exposition` renders the
+stream shim's metric families.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ __all__ = [
     "NIGHT_LABEL_NAMES",
     "night_counters",
     "render_prometheus",
+    "exposition",
 ]
 
 import collections
@@ -36,11 +38,13 @@ import datetime
 import logging
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from workflow.outcomes.summary import collect_outcomes, summarize
 from workflow.stages import STAGES
@@ -268,23 +272,6 @@ def _metric_name(name: str) -> str:
     return "_" + name if name[:1].isdigit() else name
 
 
-def _escape_label(value: Any) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
-
-
-def _format_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return str(int(value))
-    if isinstance(value, int):
-        return str(value)
-    value = float(value)
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "+Inf" if value > 0 else "-Inf"
-    return repr(value)
-
-
 def _flatten(value: Any, depth: int = 0) -> list[tuple[tuple[str, ...], Any]]:
     """``(label values, number)`` of a number or of nested mappings of numbers."""
     if isinstance(value, Mapping):
@@ -296,6 +283,27 @@ def _flatten(value: Any, depth: int = 0) -> list[tuple[tuple[str, ...], Any]]:
     return [((), value)]
 
 
+class _Families:
+    """A `prometheus_client` collector yielding fixed metric families (one render's worth)."""
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._families
+
+
+def exposition(families: Sequence[Metric]) -> str:
+    """Render metric families with `prometheus_client` (text exposition format 0.0.4).
+
+    Each call uses its own `~prometheus_client.CollectorRegistry`, so nothing of the
+    process's default registry (or an earlier render) leaks in.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(families))
+    return generate_latest(registry).decode()
+
+
 def render_prometheus(
     counts: Mapping[str, Any],
     *,
@@ -304,7 +312,7 @@ def render_prometheus(
     label_names: Mapping[str, str | Sequence[str]] | None = None,
     help_texts: Mapping[str, str] | None = None,
 ) -> str:
-    """Render counters in the Prometheus text exposition format.
+    """Render counters in the Prometheus text exposition format, through `prometheus_client`.
 
     Parameters
     ----------
@@ -337,24 +345,22 @@ def render_prometheus(
     if kind not in ("counter", "gauge"):
         raise ValueError(f"render_prometheus: kind {kind!r}: expected 'counter' or 'gauge'")
     label_names, help_texts = label_names or {}, help_texts or {}
-    lines: list[str] = []
+    families: list[Metric] = []
     for key in sorted(counts):
         name = _metric_name(prefix + key)
-        if kind == "counter" and not name.endswith("_total"):
-            name += "_total"
         samples = _flatten(counts[key])
         depth = len(samples[0][0]) if samples else 0
         given = label_names.get(key, ())
         given = (given,) if isinstance(given, str) else tuple(given)
         names = [_metric_name(n) for n in given] + [f"kind_{i + 1}" if i else "kind" for i in range(len(given), depth)]
-        help_text = help_texts.get(key, key).replace("\\", "\\\\").replace("\n", "\\n")
-        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} {kind}"]
+        family_type = CounterMetricFamily if kind == "counter" else GaugeMetricFamily
+        family = family_type(name, help_texts.get(key, key), labels=names[:depth])
         for labels, number in samples:
-            text = ",".join(f'{n}="{_escape_label(v)}"' for n, v in zip(names, labels, strict=False))
-            where = f"{{{text}}}" if text else ""
+            where = "{" + ",".join(f'{n}="{v}"' for n, v in zip(names, labels, strict=False)) + "}" if labels else ""
             if len(labels) != depth:
                 raise ValueError(f"render_prometheus: {key}: mixed nesting depths ({len(labels)} and {depth})")
             if not isinstance(number, (int, float)):  # bool is an int: rendered 0 or 1
                 raise ValueError(f"render_prometheus: {key}{where}: value {number!r} is not a number")
-            lines.append(f"{name}{where} {_format_value(number)}")
-    return "\n".join(lines) + "\n" if lines else ""
+            family.add_metric(list(labels), float(number))
+        families.append(family)
+    return exposition(families) if families else ""

@@ -13,8 +13,9 @@ the work area's pipeline products) and writes into one output directory::
     metrics/<instrument>_<day_obs>.prom   the night's counters, Prometheus text format
     overview.rst           nights table + figures (inlined), included by ``report/workflow.rst``
 
-``report/Snakefile`` marks these files for the report, so ``snakemake --snakefile
-report/Snakefile --report report.html`` packs them into one self-contained HTML page.
+The workflow's rule ``night_report`` (``rules/report.smk``) marks these files for the
+report, so ``snakemake --report report.html all night_report`` packs them into one
+self-contained HTML page.
 Figures use matplotlib's object API (no pyplot, no global backend state).
 """
 

@@ -24,7 +24,8 @@ Images use the storage class `workflow.repo.formatters.STORAGE_CLASS`
 (an `astropy.io.fits.HDUList`), tables ``ArrowAstropy``.  That storage class
 and its formatter are written into each new repository's ``butler.yaml``
 (from ``config/butler``), so no ``DAF_BUTLER_CONFIG_PATH`` is needed to open
-it.  Dimension records: instrument, physical_filter, detector, visit_system
+it.  Dimension records: instrument (its ``class_name`` an importable class of
+`workflow.repo.butler_instrument`), physical_filter, detector, visit_system
 (`register_instrument`); skymap, tract, patch (`register_skymap`); day_obs,
 group, exposure, visit and its definition, membership and detector regions
 (`register_exposure`, visits 1:1 with exposures).
@@ -69,6 +70,7 @@ from lsst.resources import ResourcePath
 
 from workflow.core.config import PROJECT_ROOT
 from workflow.core.exceptions import ConfigError, NonRetriableError
+from workflow.repo.butler_instrument import class_name_for
 from workflow.repo.formatters import FORMATTER_NAME, STORAGE_CLASS
 
 if TYPE_CHECKING:
@@ -245,7 +247,7 @@ def register_instrument(butler: Butler, instrument: Instrument) -> None:
             "instrument",
             {
                 "name": name,
-                "class_name": f"prompt_snake.{name}",
+                "class_name": class_name_for(name),
                 "detector_max": max(d.id for d in instrument.detectors) + 1,
                 "visit_max": _ID_MAX,
                 "exposure_max": _ID_MAX,
@@ -265,7 +267,7 @@ def register_instrument(butler: Butler, instrument: Instrument) -> None:
                 "full_name": d.name,
                 "raft": d.raft,
                 "name_in_raft": d.sensor,
-                "purpose": "SCIENCE",
+                "purpose": d.purpose,
             },
         )
         for d in instrument.detectors

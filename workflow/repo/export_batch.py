@@ -346,7 +346,8 @@ class ExportWriter:
         open_butler: Callable[[str], Butler] | None = None,
     ) -> None:
         self.repo = repo
-        self.spool = Path(spool)
+        # Absolute: Butler takes a relative ingest path as relative to the repo, not to us.
+        self.spool = Path(spool).absolute()
         self.instrument = instrument
         self.max_batch = max_batch
         self.transfer = transfer

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 __all__ = ["visit_from_exposure", "write_visit_files", "replay"]
 
+import contextlib
 import logging
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from astropy.time import Time
@@ -70,6 +73,7 @@ def replay(
     extra_configfiles: Sequence[str | Path] = (),
     profile: str = "profiles/local",
     progress: bool = False,
+    run: bool = True,
 ) -> list[dict[str, Any]]:
     """Replay past visits: write visit files and run Snakemake batch by batch.
 
@@ -85,17 +89,24 @@ def replay(
         At most this many visits.
     batch_visits : `int`
         Visits per Snakemake invocation.
+    run : `bool`, optional
+        `False`: only write the visit files (for a dry run: ``snakemake -n``), one
+        batch record per batch with return code 0 and no Snakemake log.
 
     Returns
     -------
     batches : `list` [`dict`]
-        Per batch: groups, targets, Snakemake return code and seconds.
+        Per batch: groups, targets (their count) and ``done_files`` (their outcome files),
+        Snakemake return code, seconds and ``log_file`` (Snakemake's log).
     """
     from workflow.core.instrument import instrument_for_run
     from workflow.repo.central_repo import open_central_repo
     from workflow.repo.queries import past_exposures
     from workflow.runtime.snakemake_runner import run_snakemake
+    from workflow.runtime.versions import check_startup
 
+    # refuse an unsupported APDB, dimension universe or alert schema before writing anything
+    check_startup(config, create_apdb=True)  # a missing SQLite APDB is created, as the first target would
     name = config["instrument"]["name"]
     butler = open_central_repo(config["central_repo"])
     exposures = past_exposures(butler, name, order=order, seed=seed)
@@ -111,25 +122,77 @@ def replay(
     write_json(override, {"ingest": {"source": "central_repo", "poll_interval_s": 0.5}})
     groups = list(visits)
     batches = []
+    n_batches = -(-len(groups) // batch_visits)
+    finished_before = 0
     from tqdm import tqdm
 
-    for start in tqdm(range(0, len(groups), batch_visits), disable=not progress, unit="batch"):
+    # One bar over the targets, advanced as their outcome files appear (a batch of a
+    # few visits runs for minutes: a bar per batch would sit at 0 meanwhile).
+    bar = tqdm(total=sum(len(t) for t in visits.values()), disable=not (progress and run), unit="target")
+    for number, start in enumerate(range(0, len(groups), batch_visits)):
         chunk = groups[start : start + batch_visits]
-        targets = [str(t.done_file) for g in chunk for t in visits[g]]
-        run = run_snakemake(
-            targets,
-            profile=profile,
-            configfiles=[instrument_file, *extra_configfiles, override],
-            log_file=Path("logs") / "replay" / f"batch-{start // batch_visits:05d}.log",
-        )
+        paths = [t for g in chunk for t in visits[g]]
+        targets = [str(t.done_file) for t in paths]
+        log_file = Path("logs") / "replay" / f"batch-{number:05d}.log"
+        if not run:
+            batches.append({"groups": chunk, "targets": len(targets), "done_files": targets, "returncode": 0})
+            continue
+        if progress:
+            bar.write(f"replay batch {number + 1}/{n_batches}: {len(targets)} targets; Snakemake's log: {log_file}")
+        with _OutcomeWatcher(paths, bar, finished_before) if progress else contextlib.nullcontext():
+            result = run_snakemake(
+                targets,
+                profile=profile,
+                configfiles=[instrument_file, *extra_configfiles, override],
+                log_file=log_file,
+            )
+        finished_before += len(paths)
+        bar.n = finished_before
+        bar.refresh()
         batches.append(
-            {"groups": chunk, "targets": len(targets), "returncode": run.returncode, "seconds": round(run.seconds, 2)}
+            {
+                "groups": chunk,
+                "targets": len(targets),
+                "done_files": targets,
+                "returncode": result.returncode,
+                "seconds": round(result.seconds, 2),
+                "log_file": str(log_file),
+            }
         )
         _log.info(
             "replay batch %d: %d targets, exit %d, %.1f s",
-            start // batch_visits,
+            number,
             len(targets),
-            run.returncode,
-            run.seconds,
+            result.returncode,
+            result.seconds,
         )
+    bar.close()
     return batches
+
+
+class _OutcomeWatcher:
+    """Advance a progress bar as a batch's targets get an outcome file (done or failed), once a second."""
+
+    def __init__(self, paths: Sequence[TargetPaths], bar: Any, offset: int) -> None:
+        self._paths, self._bar, self._offset = list(paths), bar, offset
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="replay-progress", daemon=True)
+
+    def _run(self) -> None:
+        ticks = 0
+        while not self._stop.wait(1.0):
+            ticks += 1
+            ended = sum(1 for t in self._paths if t.done_file.exists() or t.failed_file.exists())
+            if self._offset + ended != self._bar.n or ticks % 10 == 0:  # the elapsed time moves on too
+                self._bar.n = self._offset + ended
+                self._bar.refresh()
+
+    def __enter__(self) -> _OutcomeWatcher:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        self._thread.join()

@@ -13,6 +13,8 @@ what was found:
 - an alert schema whose major version is not `SUPPORTED_ALERT_SCHEMA_MAJOR`, or that
   the installed lsst-alert-packet does not ship.
 
+`check_startup` runs at stream shim start (`stream_shim.service.StreamShim.run`, after
+the health checks) and before a replay (`workflow.runtime.replay.replay`).
 `release_facts` gathers what a release must state (``scripts/release_notes.py``).
 """
 
@@ -65,7 +67,7 @@ we do not use; add it here after a replay against a version-7 repository passes.
 """
 
 SUPPORTED_ALERT_SCHEMA_MAJOR = 11
-"""Alert schema major version our alerts use (`workflow.apdb.alerts.SCHEMA_VERSION`)."""
+"""Alert schema major version our alerts may use (the default is `workflow.apdb.alerts.SCHEMA_VERSION`)."""
 
 
 class RepoVersionError(NonRetriableError, RuntimeError):
@@ -196,7 +198,7 @@ def check_alert_schema(
     Parameters
     ----------
     wanted : `tuple` [`int`, `int`], optional
-        Schema our alerts use (default `workflow.apdb.alerts.SCHEMA_VERSION`).
+        Schema our alerts use (``alerts.schema_version``; default `workflow.apdb.alerts.SCHEMA_VERSION`).
     available : iterable of `tuple` [`int`, `int`], optional
         Schemas installed (default `available_alert_schemas`).
 
@@ -225,8 +227,12 @@ def check_alert_schema(
     return tuple(wanted)  # type: ignore[return-value]
 
 
-def check_apdb(apdb_config: Mapping[str, Any], *, base_dir: str | Path | None = None) -> dict[str, str]:
+def check_apdb(
+    apdb_config: Mapping[str, Any], *, base_dir: str | Path | None = None, create: bool = False
+) -> dict[str, str]:
     """Open the configured APDB and return its versions; refuse unsupported ones.
+
+    ``create``: create a missing SQLite APDB first, as the workflow's stages do.
 
     Raises
     ------
@@ -238,20 +244,24 @@ def check_apdb(apdb_config: Mapping[str, Any], *, base_dir: str | Path | None = 
     """
     from workflow.apdb.store import check_versions, open_apdb
 
-    apdb = open_apdb(apdb_config, base_dir=base_dir, create=False)
+    apdb = open_apdb(apdb_config, base_dir=base_dir, create=create)
     where = str(apdb_config.get("db_url") or apdb_config.get("config_file"))
     return check_versions(dict(apdb.metadata.items()), where)
 
 
-def check_startup(config: Mapping[str, Any], *, base_dir: str | Path | None = None) -> dict[str, Any]:
+def check_startup(
+    config: Mapping[str, Any], *, base_dir: str | Path | None = None, create_apdb: bool = False
+) -> dict[str, Any]:
     """Run every start-up version check on a merged configuration.
 
     Parameters
     ----------
     config : `~collections.abc.Mapping`
-        Merged configuration (``apdb`` and ``central_repo`` sections).
+        Merged configuration (``apdb``, ``central_repo`` and ``alerts`` sections).
     base_dir : `str` or `~pathlib.Path`, optional
         Directory relative paths are relative to (default: the cwd).
+    create_apdb : `bool`, optional
+        Create a missing SQLite APDB before checking it (replay: the stages would).
 
     Returns
     -------
@@ -266,9 +276,11 @@ def check_startup(config: Mapping[str, Any], *, base_dir: str | Path | None = No
     repo = str(config["central_repo"])
     if "://" not in repo and not Path(repo).is_absolute():
         repo = str(Path(base_dir or Path.cwd()) / repo)
+    from workflow.apdb.alerts import AlertSchema
+
     found = {
-        "alert_schema": ".".join(map(str, check_alert_schema())),
-        "apdb": check_apdb(config["apdb"], base_dir=base_dir),
+        "alert_schema": ".".join(map(str, check_alert_schema(AlertSchema.from_config(config).version))),
+        "apdb": check_apdb(config["apdb"], base_dir=base_dir, create=create_apdb),
         "dimensions": check_central_repo(repo),
     }
     _log.info("start-up checks passed: %s", found)

@@ -9,15 +9,24 @@ are in nJy.  Each sub-step raises `TooFewStarsError` naming itself
 
 from __future__ import annotations
 
-__all__ = ["CalibrationResult", "calibrate", "select_psf_stars", "clean_stars", "psf_at_sources"]
+__all__ = [
+    "CalibrationResult",
+    "aperture_correction",
+    "calibrate",
+    "select_psf_stars",
+    "clean_stars",
+    "psf_at_sources",
+]
 
 import dataclasses
 import logging
 
 import numpy as np
 import pandas as pd
+from astropy.stats import sigma_clipped_stats
 from astropy.wcs import WCS
 from astropy.wcs.utils import proj_plane_pixel_scales
+from scipy import ndimage
 from scipy.spatial import cKDTree
 
 from workflow.science.astrometry import AstrometryResult, fit_astrometry
@@ -25,11 +34,13 @@ from workflow.science.errors import ScienceDataError, TooFewStarsError, check_im
 from workflow.science.exposure import Exposure
 from workflow.science.masks import MaskPlane
 from workflow.science.photometry import (
+    BAD_PIXELS,
     aperture_photometry,
     detect_sources,
     estimate_background,
     fit_zero_point,
     psf_photometry,
+    source_footprints,
 )
 from workflow.science.psf import PsfModel, cutout_stamps, footprint_radius, measure_psf
 
@@ -66,24 +77,79 @@ def _isolated(xy: np.ndarray, flux: np.ndarray, radius: float, contrast: float) 
     return ok
 
 
-def select_psf_stars(sources: pd.DataFrame, fwhm: float, half: int, *, min_snr: float = 30.0) -> pd.DataFrame:
-    """Return bright, isolated, unsaturated, unflagged, star-sized sources.
+_ISOLATION_TIERS = ((0.002, 0.0), (0.05, 0.01), (np.inf, 0.01))
+"""(wing contrast within 1.5 stamp half-widths, core contrast within 2 FWHM) of the PSF-star
+isolation cut: strict first, relaxed when the strict one leaves too few stars (the PSF fit
+blanks neighbours' pixels, so a neighbour in the wings costs little; one in the core, a
+blend, is never accepted)."""
+_SNR_TIERS = (1.0, 0.5, 1.0 / 3.0)
+"""Fractions of ``min_snr`` tried in turn when too few stars pass."""
 
-    A star is isolated when no detection brighter than 0.2% of it lies within
-    1.5 ``half`` (its PSF stamp half-width), nor any detection within 2 FWHM.
-    ``sources`` needs ``x``, ``y``, ``flux``, ``a``, ``b``, ``sep_flags``,
-    ``ap_snr`` and ``saturated`` columns; at most the 300 brightest are kept.
+
+def _stellar_locus(concentration: np.ndarray, size: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+    """Return which sources lie on the stellar locus of concentration and size.
+
+    Point sources are the most concentrated (galaxies spread their light; cosmic rays
+    are masked before calibration): the locus is the median concentration of the most
+    concentrated third of the candidates, and a star lies within 0.1 (or 3 robust sigma)
+    of it; sizes then within 3 robust sigma (plus 5%) of the stars' median.
+    """
+    ok = candidates & np.isfinite(concentration)
+    if ok.sum() < 3:
+        return ok
+    values = np.sort(concentration[ok])[::-1]
+    top = values[: max(3, len(values) // 3)]
+    locus = float(np.median(top))
+    width = max(0.1, 3.0 * 1.4826 * float(np.median(np.abs(top - locus))))
+    ok &= np.abs(concentration - locus) < width
+    if ok.sum() >= 3:
+        med = float(np.median(size[ok]))
+        mad = 1.4826 * float(np.median(np.abs(size[ok] - med))) + 0.05 * med
+        ok &= np.abs(size - med) < 3.0 * mad
+    return ok
+
+
+def select_psf_stars(
+    sources: pd.DataFrame, fwhm: float, half: int, *, min_snr: float = 30.0, min_stars: int = 5
+) -> pd.DataFrame:
+    """Return bright, star-like, isolated, unsaturated sources whose stamps fit in the image.
+
+    Galaxies and blends are rejected by the stellar locus (`_stellar_locus`: light
+    concentration ``conc`` and size) and by sep's blend flags; isolation
+    (`_ISOLATION_TIERS`) and the S/N cut (`_SNR_TIERS`) are relaxed in turn until at
+    least ``2 min_stars`` stars pass (small fields hold few bright stars).
+    ``sources`` needs ``x``, ``y``, ``flux``, ``a``, ``b``, ``sep_flags``, ``ap_snr``,
+    ``saturated`` and ``conc``; at most the 300 brightest are kept.  The returned frame's
+    ``attrs["cuts"]`` counts the sources passing each cut (for error messages).
     """
     xy = sources[["x", "y"]].to_numpy()
     flux = np.maximum(sources["flux"].to_numpy(), 1e-12)
-    size = np.sqrt(sources["a"] * sources["b"])
-    ok = (sources["ap_snr"] > min_snr) & ~sources["saturated"] & (sources["sep_flags"] == 0)
-    ok &= _isolated(xy, flux, 1.5 * half, 0.002) & _isolated(xy, flux, 2.0 * fwhm, 0.0)
-    if ok.sum() >= 5:
-        med = np.median(size[ok])
-        mad = 1.4826 * np.median(np.abs(size[ok] - med)) + 0.02 * med
-        ok &= np.abs(size - med) < 3.0 * mad
-    return sources[ok].sort_values("ap_snr", ascending=False).head(300)
+    size = np.sqrt(sources["a"].to_numpy() * sources["b"].to_numpy())
+    shape_x, shape_y = sources.attrs.get("shape", (np.inf, np.inf))[::-1]
+    inside = (xy[:, 0] >= half) & (xy[:, 1] >= half) & (xy[:, 0] < shape_x - half) & (xy[:, 1] < shape_y - half)
+    clean = ~sources["saturated"].to_numpy() & inside
+    blended = (sources["sep_flags"].to_numpy() & 2) != 0
+    best, cuts = sources.iloc[:0], {}
+    for snr_factor in _SNR_TIERS:
+        bright = clean & (sources["ap_snr"].to_numpy() > snr_factor * min_snr)
+        star = _stellar_locus(sources["conc"].to_numpy(), size, bright) & ~blended
+        for wing, core in _ISOLATION_TIERS:
+            ok = star & _isolated(xy, flux, 1.5 * half, wing) & _isolated(xy, flux, 2.0 * fwhm, core)
+            chosen = sources[ok].sort_values("ap_snr", ascending=False).head(300)
+            if len(chosen) > len(best):
+                best = chosen
+                cuts = {
+                    f"S/N > {snr_factor * min_snr:g}": int(bright.sum()),
+                    "star-like, unblended": int(star.sum()),
+                    "isolated": int(ok.sum()),
+                }
+            if len(best) >= 2 * min_stars:
+                break
+        if len(best) >= 2 * min_stars:
+            break
+    best = best.copy()
+    best.attrs["cuts"] = {"detected": len(sources), "unsaturated, stamp inside": int(clean.sum()), **cuts}
+    return best
 
 
 def clean_stars(
@@ -158,6 +224,7 @@ def _measure(exposure: Exposure, sources: pd.DataFrame, fwhm: float, ap_radius: 
     iy = np.clip(np.rint(y).astype(int), near, exposure.shape[0] - 1 - near)
     sat_sum = np.asarray((cutout_stamps(exposure.mask, ix, iy, near) & int(MaskPlane.SAT)).any(axis=(1, 2)))
     small = aperture_photometry(exposure.image, exposure.variance, exposure.mask, x, y, max(2.0 * fwhm, 3.0))
+    core = aperture_photometry(exposure.image, exposure.variance, exposure.mask, x, y, max(0.6 * fwhm, 1.5))
     edge = (x < ap_radius) | (y < ap_radius)
     edge |= (x > exposure.shape[1] - 1 - ap_radius) | (y > exposure.shape[0] - 1 - ap_radius)
     return sources.assign(
@@ -166,6 +233,7 @@ def _measure(exposure: Exposure, sources: pd.DataFrame, fwhm: float, ap_radius: 
         ap_snr=small[0] / np.maximum(small[1], 1e-30),
         saturated=sat_sum > 0,
         edge=edge | (flags & 16 > 0),
+        conc=core[0] / np.where(small[0] > 0, small[0], np.nan),
     )
 
 
@@ -270,6 +338,35 @@ def calibrate(
     return CalibrationResult(exposure=out, sources=table, astrometry=astrometry)
 
 
+def _half_max_fwhm(exposure: Exposure, sources: pd.DataFrame, *, reach: int = 12, count: int = 40) -> float | None:
+    """Return the FWHM (pixels) of the narrowest third of bright sources, from their half-maximum area.
+
+    sep's second moments of bright stars include their wings down to the detection
+    isophote (on DECam they gave 1.4x the seeing), which sets too large PSF stamps and
+    isolation radii.  The area above half the peak of a 4x-upsampled cutout sees only the
+    core; galaxies are wider, so the lower third of the ``count`` brightest unflagged,
+    unmasked sources is taken.  `None` with fewer than 3 such sources.
+    """
+    noise = float(np.sqrt(max(np.median(exposure.variance[::4, ::4]), 1e-12)))
+    ny, nx = exposure.shape
+    x, y = np.rint(sources["x"].to_numpy()).astype(int), np.rint(sources["y"].to_numpy()).astype(int)
+    ok = (sources["sep_flags"].to_numpy() == 0) & (sources["peak"].to_numpy() > 20.0 * noise)
+    ok &= (x >= reach) & (y >= reach) & (x < nx - reach) & (y < ny - reach)
+    order = np.argsort(-sources["peak"].to_numpy()[ok])[:count]
+    x, y = x[ok][order], y[ok][order]
+    if len(x) == 0:
+        return None
+    stamps = cutout_stamps(exposure.image, x, y, reach).astype(float)
+    clean = ~(cutout_stamps(exposure.mask, x, y, reach) & int(BAD_PIXELS)).any(axis=(1, 2))
+    widths = []
+    for stamp in stamps[clean]:
+        fine = ndimage.zoom(stamp, 4, order=3)
+        widths.append(2.0 * np.sqrt(np.count_nonzero(fine > 0.5 * fine.max()) / 16.0 / np.pi))
+    if len(widths) < 3:
+        return None
+    return float(np.quantile(widths, 1.0 / 3.0))
+
+
 def _sources_and_psf(
     out: Exposure, threshold: float, ap_radius: float, min_psf_stars: int
 ) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -281,10 +378,20 @@ def _sources_and_psf(
     if len(sources) < min_psf_stars:
         message = f"{len(sources)} source(s) detected, need {min_psf_stars}"
         raise TooFewStarsError("calibrate.detection", message)
-    fwhm_guess = sources.attrs["fwhm_guess"]
+    fwhm_guess = _half_max_fwhm(out, sources) or sources.attrs["fwhm_guess"]
+    # Second background pass with the sources' footprints left out: a clipped mean
+    # over pixels that still hold faint wings would over-subtract the sky.
+    noise = float(np.sqrt(max(np.median(out.variance[::4, ::4]), 1e-12)))
+    footprints = source_footprints(out.shape, sources, fwhm_guess / 2.3548, noise)
+    out.image -= estimate_background(out.image, out.mask, ignore=footprints)
     sources = _measure(out, sources, fwhm_guess, ap_radius)
     half = int(np.clip(np.ceil(3.0 * fwhm_guess), 8, 20))
-    stars = select_psf_stars(sources, fwhm_guess, half)
+    sources.attrs["shape"] = out.shape
+    stars = select_psf_stars(sources, fwhm_guess, half, min_stars=min_psf_stars)
+    if len(stars) < min_psf_stars:
+        cuts = ", ".join(f"{name}: {count}" for name, count in stars.attrs["cuts"].items())
+        message = f"{len(stars)} PSF star(s) pass the selection ({cuts}), need at least {min_psf_stars}"
+        raise TooFewStarsError("calibrate.psf", message)
     out.psf = measure_psf(
         out.image,
         out.variance,
@@ -298,8 +405,37 @@ def _sources_and_psf(
     )
     x, y = sources["x"].to_numpy(), sources["y"].to_numpy()
     phot = psf_photometry(out.image, out.variance, out.psf, x, y, mask=out.mask)
-    sources = sources.assign(psf_flux=phot["flux"].to_numpy(), psf_flux_err=phot["flux_err"].to_numpy())
+    flux, flux_err = phot["flux"].to_numpy(), phot["flux_err"].to_numpy()
+    used = sources.index.isin(stars.index)
+    # The correcting aperture holds at least the PSF stamp (a smaller one would lose flux).
+    radius = max(ap_radius, 1.5 * out.psf.half)
+    total, _, _ = aperture_photometry(out.image, out.variance, out.mask, x[used], y[used], radius)
+    apcorr, apcorr_err = aperture_correction(total, flux[used], flux_err[used])
+    out.metadata["APCORR"] = (round(apcorr, 5), "PSF flux to total (aperture) flux")
+    out.metadata["APCORERR"] = (round(apcorr_err, 5), "aperture correction standard error")
+    sources = sources.assign(psf_flux=flux * apcorr, psf_flux_err=flux_err * apcorr)
     return sources.assign(psf_snr=sources["psf_flux"] / sources["psf_flux_err"]), stars
+
+
+def aperture_correction(ap_flux: np.ndarray, psf_flux: np.ndarray, psf_flux_err: np.ndarray) -> tuple[float, float]:
+    """Return the factor that turns PSF-stamp fluxes into aperture (total) fluxes, and its error.
+
+    The PSF model sums to 1 over its stamp, which holds only part of a PSF with wings
+    (a 17x17 stamp held 88% of a space-telescope PSF): the sigma-clipped median of
+    ``ap_flux / psf_flux`` over PSF stars (S/N > 20), ``ap_flux`` in an aperture at least
+    as wide as the stamp, corrects that, as Rubin's
+    aperture correction does.  1 (error 0) with fewer than 3 such stars or an
+    implausible value (outside 0.7-1.5).
+    """
+    good = (psf_flux > 20.0 * psf_flux_err) & np.isfinite(ap_flux) & (ap_flux > 0)
+    if good.sum() < 3:
+        return 1.0, 0.0
+    ratio = ap_flux[good] / psf_flux[good]
+    _, median, std = sigma_clipped_stats(ratio, sigma=3.0, maxiters=5)
+    if not 0.7 < median < 1.5:
+        _log.warning("Implausible aperture correction %.3f from %d stars: not applied", median, good.sum())
+        return 1.0, 0.0
+    return float(median), float(1.2533 * std / np.sqrt(good.sum()))
 
 
 def _source_table(

@@ -441,8 +441,10 @@ def _measure(
     """Measure positions, PSF and aperture fluxes (nJy), dipoles and pixel flags of detections."""
     psf, scale, n = difference.psf, difference.njy_per_count, len(src)
     assert psf is not None and difference.wcs is not None  # checked by _check_difference
+    # PSF fluxes are stamp fluxes: the science calibration's aperture correction makes them total.
+    psf_scale = scale * float(difference.metadata.get("APCORR", 1.0))
     pixel_arcsec = float(np.mean(proj_plane_pixel_scales(difference.wcs.celestial))) * 3600.0
-    table = _dipole_columns(difference, peaks, src, scale, pixel_arcsec)
+    table = _dipole_columns(difference, peaks, src, psf_scale, pixel_arcsec)
     x, y = table["x"], table["y"]
     phot = psf_photometry(image, difference.variance, psf, x, y, mask=difference.mask)
     ap_flux, ap_err, ap_flags = aperture_photometry(image, difference.variance, difference.mask, x, y, ap_radius)
@@ -463,8 +465,8 @@ def _measure(
         "apFlux_flag_apertureTruncated": (ap_flags & 16) != 0,
         "isNegative": (src["snr"].to_numpy() < 0) & ~dipole,
         "snr": src["snr"].to_numpy(),
-        "psfFlux": phot["flux"].to_numpy() * scale,
-        "psfFluxErr": phot["flux_err"].to_numpy() * scale,
+        "psfFlux": phot["flux"].to_numpy() * psf_scale,
+        "psfFluxErr": phot["flux_err"].to_numpy() * psf_scale,
         "psfChi2": phot["chi2"].to_numpy(),
         "psfNdata": phot["ndata"].to_numpy(np.int32),
         "psfFlux_flag": ~np.isfinite(phot["flux"].to_numpy()),
@@ -486,6 +488,6 @@ def _science_flux(science: Exposure | None, x: np.ndarray, y: np.ndarray) -> dic
     if science is None or science.psf is None or science.zero_point is None or len(x) == 0:
         return {"scienceFlux": np.full(len(x), np.nan), "scienceFluxErr": np.full(len(x), np.nan)}
     phot = psf_photometry(science.image, science.variance, science.psf, x, y, mask=science.mask)
-    scale = science.njy_per_count
+    scale = science.njy_per_count * float(science.metadata.get("APCORR", 1.0))
     flux, err = phot["flux"].to_numpy(), phot["flux_err"].to_numpy()
     return {"scienceFlux": flux * scale, "scienceFluxErr": err * scale}

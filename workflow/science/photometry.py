@@ -10,6 +10,7 @@ from __future__ import annotations
 __all__ = [
     "BAD_PIXELS",
     "estimate_background",
+    "source_footprints",
     "detect_sources",
     "psf_photometry",
     "aperture_photometry",
@@ -221,14 +222,98 @@ def variance_scale(image: np.ndarray, variance: np.ndarray, mask: np.ndarray) ->
     return float(np.clip(robust_std(z) ** 2, 0.25, 4.0)) if z.size >= 1000 else 1.0
 
 
-def estimate_background(image: np.ndarray, mask: np.ndarray, *, box: int = 128) -> np.ndarray:
-    """Return a smooth sky-background map (``sep.Background``, ``box``-pixel mesh).
+def estimate_background(
+    image: np.ndarray, mask: np.ndarray, *, box: int = 128, clip: float = 3.0, ignore: np.ndarray | None = None
+) -> np.ndarray:
+    """Return a smooth sky-background map: the sigma-clipped mean of ``box``-pixel meshes.
 
-    Pixels with any mask bit other than INTRP/EDGE are ignored.
+    ``sep.Background`` (SExtractor's ``2.5 median - 1.5 mean`` mode estimate) finds the
+    sky robustly, but a mode is not the mean under Poisson-skewed sky: it sits about
+    ``0.4 / sqrt(sky)`` sigma low, which leaves a positive offset on every pixel of a
+    difference image.  The returned map is sep's plus a correction: per mesh, the mean
+    of the residual pixels within ``clip`` sigma of it (iterated twice, as Rubin's
+    ``MEANCLIP`` statistic), median-filtered over 3x3 meshes and interpolated
+    bilinearly.  A symmetric 3-sigma clip biases the mean of a skewed distribution by
+    only ``0.04 skew`` sigma.
+
+    Parameters
+    ----------
+    image, mask : `numpy.ndarray`
+        Image and `MaskPlane` bits; pixels with any bit other than INTRP/EDGE are ignored.
+    box : `int`
+        Mesh size in pixels.
+    clip : `float`
+        Clipping half-width in units of sep's local rms.
+    ignore : `numpy.ndarray`, optional
+        Further pixels to leave out (e.g. detected sources' footprints).
     """
-    ignore = (mask & ~int(MaskPlane.INTRP | MaskPlane.EDGE)) != 0
-    background = sep.Background(_c(image), mask=ignore, bw=box, bh=box, fw=3, fh=3)
-    return background.back(dtype=np.float32)
+    skip = (mask & ~int(MaskPlane.INTRP | MaskPlane.EDGE)) != 0
+    if ignore is not None:
+        skip |= ignore
+    background = sep.Background(_c(image), mask=skip, bw=box, bh=box, fw=3, fh=3)
+    back = background.back(dtype=np.float32)
+    back += _clipped_mean_correction(image - back, background.rms(dtype=np.float32), skip, box, clip)
+    return back
+
+
+def _clipped_mean_correction(
+    residual: np.ndarray, rms: np.ndarray, skip: np.ndarray, box: int, clip: float
+) -> np.ndarray:
+    """Return the smooth map of per-mesh clipped means of ``residual`` (zero where no data)."""
+    ny, nx = residual.shape
+    my, mx = -(-ny // box), -(-nx // box)
+    # Every other row and column: a quarter of the pixels still gives each mesh mean a
+    # noise of 2 / box sigma, at a quarter of the cost.
+    sub = (slice(None, None, 2), slice(None, None, 2))
+    labels = (np.arange(ny)[sub[0]] // box)[:, None] * mx + (np.arange(nx)[sub[1]] // box)[None, :]
+    labels, values = labels.ravel(), residual[sub].ravel()
+    limit = (np.float32(clip) * np.maximum(rms[sub], np.float32(1e-12))).ravel()
+    good = ~skip[sub].ravel() & np.isfinite(values)
+    center = np.zeros(my * mx)
+    count = np.zeros(my * mx)
+    for _ in range(3):
+        use = good & (np.abs(values - center[labels].astype(np.float32)) < limit)
+        count = np.bincount(labels[use], minlength=my * mx).astype(float)
+        total = np.bincount(labels[use], weights=values[use], minlength=my * mx)
+        center = np.where(count > 0, total / np.maximum(count, 1.0), 0.0)
+    full = count >= 0.025 * box * box  # a tenth of a mesh's (subsampled) pixels
+    if not full.any():
+        return np.zeros(residual.shape, np.float32)
+    meshes = np.where(full, center, np.median(center[full])).reshape(my, mx)
+    meshes = ndimage.median_filter(meshes, size=3, mode="nearest")
+    yc = np.minimum(np.arange(my) * box + box / 2.0 - 0.5, (np.arange(my) * box + ny - 1) / 2.0)
+    xc = np.minimum(np.arange(mx) * box + box / 2.0 - 0.5, (np.arange(mx) * box + nx - 1) / 2.0)
+    rows = np.array([np.interp(np.arange(nx), xc, row) for row in meshes])
+    out = np.array([np.interp(np.arange(ny), yc, column) for column in rows.T]).T
+    return out.astype(np.float32)
+
+
+def source_footprints(shape: tuple[int, int], sources: pd.DataFrame, sigma: float, noise: float) -> np.ndarray:
+    """Return a mask of detected sources' light: ellipses reaching where each fades into the noise.
+
+    ``sources`` as from `detect_sources` (``x``, ``y``, ``a``, ``b``, ``theta``, ``flux``,
+    ``npix``), ``sigma`` the PSF width and ``noise`` the pixel noise; the semi-axes are
+    scaled so the ellipse reaches at least 3 ``a`` and the radius where a point source
+    of the source's S/N falls to 1 ``noise`` (plus ``sigma``).
+    """
+    out = np.zeros(shape, bool)
+    if len(sources) == 0:
+        return out
+    a = np.maximum(sources["a"].to_numpy(), 0.5)
+    npix = np.maximum(sources["npix"].to_numpy(), 1.0)
+    snr = np.abs(sources["flux"].to_numpy()) / (max(noise, 1e-12) * np.sqrt(npix))
+    peak = np.maximum(snr / max(sigma * np.sqrt(np.pi), 1e-6), 1.0)
+    reach = sigma * np.sqrt(2.0 * np.log(peak)) + 1.0 + sigma
+    scale = np.maximum(3.0, reach / a)
+    sep.mask_ellipse(
+        out,
+        sources["x"].to_numpy(),
+        sources["y"].to_numpy(),
+        a * scale,
+        sources["b"].to_numpy() * scale,
+        sources["theta"].to_numpy(),
+    )
+    return out
 
 
 def detect_sources(

@@ -49,7 +49,7 @@ _BASIS_SCALES, _BASIS_DEGREES = (0.5, 1.0, 2.0, 4.0), (4, 2, 2, 0)
 """Alard-Lupton basis: Gaussian widths in units of the matching width, and polynomial degrees."""
 _MIN_MATCH_SIGMA, _MAX_KERNEL_HALF = 0.6, 15
 _MIN_STAMPS_SPATIAL = 60
-"""Fewer kernel stamps than this: the kernel is spatially constant (a varying one overfits)."""
+"""Fewer kernel stamps than this: the kernel varies only if it predicts left-out stamps better."""
 _CLIP_FRACTION = 0.02
 """Fraction of a kernel stamp's pixel values added to its noise when clipping outlier stamps."""
 
@@ -135,6 +135,89 @@ def _stamp_system(
     return conv, tgt, 1.0 / np.maximum(stamp_var.astype(float), 1e-6)
 
 
+def _coefficient_layout(nb: int, spatial_order: int, bg_order: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return, per fitted coefficient, its basis index (``nb`` = background) and spatial term."""
+    nterm = (spatial_order + 1) * (spatial_order + 2) // 2
+    nbg = (bg_order + 1) * (bg_order + 2) // 2
+    kc = np.array([0] + [k for k in range(1, nb) for _ in range(nterm)] + [nb] * nbg)
+    sc = np.array([0] + [s for _ in range(1, nb) for s in range(nterm)] + list(range(nbg)))
+    return kc, sc
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _KernelSystem:
+    """Per-stamp normal equations of the kernel fit (``q``, ``r``) and what evaluates residuals."""
+
+    conv: np.ndarray
+    tgt: np.ndarray
+    weight: np.ndarray
+    q: np.ndarray
+    r: np.ndarray
+    terms: np.ndarray
+    nb: int
+
+    def parts(self, kc: np.ndarray, sc: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Return every stamp's normal matrix and right-hand side, shapes (n, c, c) and (n, c)."""
+        tq = self.terms[:, sc]
+        normal = np.einsum("ncd,nc,nd->ncd", self.q[:, kc][:, :, kc], tq, tq)
+        return normal, self.r[:, kc] * tq
+
+    def solve(
+        self, kc: np.ndarray, sc: np.ndarray, use: np.ndarray, parts: tuple[np.ndarray, np.ndarray] | None = None
+    ) -> np.ndarray:
+        """Return the coefficients fitted on the ``use`` stamps (``parts`` from `parts`, if computed).
+
+        Raises
+        ------
+        NumericalFailureError
+            If the normal equations are singular.
+        """
+        normal_parts, rhs_parts = parts if parts is not None else self.parts(kc, sc)
+        normal, rhs = normal_parts[use].sum(axis=0), rhs_parts[use].sum(axis=0)
+        normal += np.eye(len(kc)) * 1e-9 * np.trace(normal) / len(kc)
+        try:
+            return np.linalg.solve(normal, rhs)
+        except np.linalg.LinAlgError as exc:
+            raise NumericalFailureError(_STEP, f"singular kernel fit on {int(use.sum())} stamps") from exc
+
+    def chi(self, kc: np.ndarray, sc: np.ndarray, coeffs: np.ndarray) -> np.ndarray:
+        """Return every stamp's mean squared residual, relative to noise plus a fraction of the star.
+
+        Bright stars (which constrain the kernel wings) are then clipped only when their
+        residual is an outlier for their flux.
+        """
+        alpha = np.zeros((len(self.tgt), self.nb + 1))
+        for c, (k, s) in enumerate(zip(kc, sc, strict=False)):
+            alpha[:, k] += coeffs[c] * self.terms[:, s]
+        model = np.einsum("nk,nkp->np", alpha, self.conv)
+        noise = 1.0 / self.weight[:, None] + (_CLIP_FRACTION * self.tgt) ** 2
+        return np.asarray(((self.tgt - model) ** 2 / noise).mean(axis=1))
+
+
+def _choose_spatial_order(system: _KernelSystem, spatial_order: int, bg_order: int) -> int:
+    """Return ``spatial_order`` if it predicts left-out stamps better than a constant kernel, else 0.
+
+    With few stamps a varying kernel may fit noise, yet on real data (differential
+    distortion, PSF variation) a constant one leaves dipoles at bright stars: each
+    stamp's residual is predicted from a fit to all the others (leave-one-out), and the
+    varying kernel is kept when its median predicted residual is lower.
+    """
+    n = len(system.tgt)
+    nterm = (spatial_order + 1) * (spatial_order + 2) // 2
+    if n < 3 * nterm:
+        return 0
+    scores = {}
+    for order in (0, spatial_order):
+        kc, sc = _coefficient_layout(system.nb, order, bg_order)
+        parts, left_out = system.parts(kc, sc), np.empty(n)
+        for i in range(n):
+            left_out[i] = system.chi(kc, sc, system.solve(kc, sc, np.arange(n) != i, parts))[i]
+        scores[order] = float(np.median(left_out))
+    chosen = spatial_order if scores[spatial_order] < scores[0] else 0
+    _log.debug("Kernel spatial order %d from %d stamps (leave-one-out chi2 %s)", chosen, n, scores)
+    return chosen
+
+
 def fit_matching_kernel(
     source: np.ndarray,
     target: np.ndarray,
@@ -159,8 +242,9 @@ def fit_matching_kernel(
     basis : `numpy.ndarray`
         Kernel basis from `alard_lupton_basis`.
     spatial_order, bg_order : `int`
-        Polynomial orders of the kernel variation and of the background; the
-        kernel is constant with fewer than `_MIN_STAMPS_SPATIAL` stamps.
+        Polynomial orders of the kernel variation and of the background; with fewer
+        than `_MIN_STAMPS_SPATIAL` stamps the kernel varies only if that predicts
+        left-out stamps better (`_choose_spatial_order`).
     stamp_half : `int`
         Half side of the fitted target stamps.
     min_stamps : `int`
@@ -181,37 +265,21 @@ def fit_matching_kernel(
     ix, iy = np.rint(x).astype(int), np.rint(y).astype(int)
     if len(ix) < min_stamps:
         raise TooFewStarsError(_STEP, f"{len(ix)} kernel stamp(s), need {min_stamps}")
-    if len(ix) < _MIN_STAMPS_SPATIAL and spatial_order > 0:
-        _log.debug("Only %d kernel stamps: spatially constant kernel", len(ix))
-        spatial_order = 0
     conv, tgt, weight = _stamp_system(source, target, variance, ix, iy, basis, stamp_half)
-    nb, nterm = len(basis), (spatial_order + 1) * (spatial_order + 2) // 2
-    nbg = (bg_order + 1) * (bg_order + 2) // 2
-    kc = np.array([0] + [k for k in range(1, nb) for _ in range(nterm)] + [nb] * nbg)
-    sc = np.array([0] + [s for _ in range(1, nb) for s in range(nterm)] + list(range(nbg)))
-    terms = poly_terms((ix - center[0]) / scale[0], (iy - center[1]) / scale[1], max(spatial_order, bg_order))
+    terms = poly_terms((ix - center[0]) / scale[0], (iy - center[1]) / scale[1], max(spatial_order, bg_order, 1))
     q = np.einsum("nkp,nlp->nkl", conv, conv) * weight[:, None, None]
     r = np.einsum("nkp,np->nk", conv, tgt) * weight[:, None]
-    use = np.ones(len(ix), bool)
+    system = _KernelSystem(conv=conv, tgt=tgt, weight=weight, q=q, r=r, terms=terms, nb=len(basis))
+    if len(ix) < _MIN_STAMPS_SPATIAL and spatial_order > 0:
+        spatial_order = _choose_spatial_order(system, spatial_order, bg_order)
+    kc, sc = _coefficient_layout(len(basis), spatial_order, bg_order)
+    parts, use = system.parts(kc, sc), np.ones(len(ix), bool)
     for _ in range(4):
         if use.sum() < min_stamps:
             message = f"{int(use.sum())} kernel stamp(s) left after clipping, need {min_stamps}"
             raise TooFewStarsError(_STEP, message)
-        tq = terms[use][:, sc]
-        normal = np.einsum("ncd,nc,nd->cd", q[use][:, kc][:, :, kc], tq, tq)
-        rhs = np.einsum("nc,nc->c", r[use][:, kc], tq)
-        normal += np.eye(len(kc)) * 1e-9 * np.trace(normal) / len(kc)
-        try:
-            coeffs = np.linalg.solve(normal, rhs)
-        except np.linalg.LinAlgError as exc:
-            raise NumericalFailureError(_STEP, f"singular kernel fit on {int(use.sum())} stamps") from exc
-        alpha = np.zeros((len(ix), nb + 1))
-        for c, (k, s) in enumerate(zip(kc, sc, strict=False)):
-            alpha[:, k] += coeffs[c] * terms[:, s]
-        model = np.einsum("nk,nkp->np", alpha, conv)
-        # Residuals relative to noise plus a fraction of the star: bright stars (which constrain
-        # the kernel wings) are clipped only when their residual is an outlier for their flux.
-        chi = ((tgt - model) ** 2 / (1.0 / weight[:, None] + (_CLIP_FRACTION * tgt) ** 2)).mean(axis=1)
+        coeffs = system.solve(kc, sc, use, parts)
+        chi = system.chi(kc, sc, coeffs)
         med = np.median(chi[use])
         new = chi < med + 4.0 * 1.4826 * np.median(np.abs(chi[use] - med)) + 0.1
         if (new == use).all():

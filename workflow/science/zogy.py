@@ -35,8 +35,9 @@ from workflow.science.psf import PsfModel
 
 _log = logging.getLogger(__name__)
 
-_MAX_FLUX_RATIO_ERROR = 0.1
-"""Largest relative difference between a fitted flux ratio and that of the zero points."""
+_FLUX_RATIO_FLOOR, _FLUX_RATIO_SIGMAS = 0.05, 5.0
+"""A fitted flux ratio may differ from the zero points' by this fraction (the kernel sum's own
+systematics) plus this many standard errors of the zero points and aperture corrections."""
 _SYSTEMATIC_FRACTION, _REGISTRATION_PX = 0.005, 0.08
 """Subtraction systematics added to the difference variance (`_systematic_variance`)."""
 _SAT_HALO_FWHM = 5.5
@@ -67,20 +68,36 @@ def flux_ratio_from_stars(science: Exposure, template: Exposure, x: np.ndarray, 
     return 1.0
 
 
+def _relative_scale_error(exposure: Exposure) -> float:
+    """Relative standard error of an exposure's flux scale: zero point and aperture correction."""
+    zp_err = float(exposure.metadata.get("ZPERR", 0.0) or 0.0)
+    apcorr = float(exposure.metadata.get("APCORR", 1.0) or 1.0)
+    apcorr_err = float(exposure.metadata.get("APCORERR", 0.0) or 0.0)
+    return float(np.hypot(0.4 * np.log(10.0) * zp_err, apcorr_err / apcorr))
+
+
 def check_flux_ratio(ratio: float, science: Exposure, template: Exposure) -> None:
     """Check a fitted flux ratio (science counts per template count) against the zero points.
+
+    The zero points are those of total (aperture-corrected) fluxes, so their ratio is the
+    expected kernel sum; the tolerance is `_FLUX_RATIO_FLOOR` plus `_FLUX_RATIO_SIGMAS`
+    times the combined standard error of both exposures' zero points (``ZPERR``) and
+    aperture corrections (``APCORR``, ``APCORERR``).
 
     Raises
     ------
     NumericalFailureError
-        If they differ by more than `_MAX_FLUX_RATIO_ERROR` (a failed PSF-matching fit).
+        If they differ by more than the tolerance (a failed PSF-matching fit).
     """
     if science.zero_point is None or template.zero_point is None:
         return
     expected = 10 ** (0.4 * (science.zero_point - template.zero_point))
-    if abs(ratio / expected - 1.0) > _MAX_FLUX_RATIO_ERROR:
+    sigma = float(np.hypot(_relative_scale_error(science), _relative_scale_error(template)))
+    tolerance = _FLUX_RATIO_FLOOR + _FLUX_RATIO_SIGMAS * sigma
+    if abs(ratio / expected - 1.0) > tolerance:
         message = f"fitted flux ratio {ratio:.4g} differs from the zero points' {expected:.4g}"
-        raise NumericalFailureError("subtract_images", f"{message} by {abs(ratio / expected - 1.0):.0%}")
+        detail = f"by {abs(ratio / expected - 1.0):.1%} (tolerance {tolerance:.1%}, scale error {sigma:.1%})"
+        raise NumericalFailureError("subtract_images", f"{message} {detail}")
 
 
 def _local_aperture(exposure: Exposure, x: np.ndarray, y: np.ndarray, radius: float) -> tuple[np.ndarray, np.ndarray]:
@@ -211,6 +228,9 @@ def difference_exposure(
     _bright_star_halos(mask, science, stars)
     diff[(mask & int(MaskPlane.NO_DATA)) != 0] = 0.0
     diff -= estimate_background(diff, mask, box=256)  # residual sky offsets bias the S/N map
+    # Again without significant pixels of either sign: a clipped mean (unbiased under Poisson
+    # sky, unlike a mode) is pulled up by the faint wings of positive residuals otherwise.
+    diff -= estimate_background(diff, mask, box=256, ignore=_significant(diff, var, psf.fwhm))
     scale = variance_scale(diff, var, mask)
     var *= np.float32(scale)
     var += _systematic_variance(science.image)
@@ -225,6 +245,17 @@ def difference_exposure(
     )
     out.metadata["VARSCALE"] = (round(scale, 4), "empirical variance-plane rescaling")
     return out
+
+
+def _significant(diff: np.ndarray, var: np.ndarray, fwhm: float) -> np.ndarray:
+    """Return pixels near 3x3-smoothed values beyond 3 sigma of either sign, grown by one FWHM.
+
+    Both signs are left out alike, so the noise that remains stays symmetric.
+    """
+    smooth = ndimage.uniform_filter(diff, size=3)
+    noise = np.sqrt(np.maximum(ndimage.uniform_filter(var, size=3), np.float32(1e-12))) / np.float32(3.0)
+    beyond = (np.abs(smooth) > np.float32(3.0) * noise).view(np.uint8)
+    return ndimage.maximum_filter(beyond, size=2 * int(np.ceil(fwhm)) + 1) > 0
 
 
 def _saturation_halo(fwhm: float) -> Callable[[tuple[slice, slice]], float]:

@@ -25,7 +25,9 @@ _log = logging.getLogger(__name__)
 _GAUSS_POISSON_LIMIT = 30.0
 
 
-def add_photon_noise(signal: np.ndarray, rng: np.random.Generator) -> None:
+def add_photon_noise(
+    signal: np.ndarray, rng: np.random.Generator, *, gaussian_above: float = _GAUSS_POISSON_LIMIT
+) -> None:
     """Replace expected electrons by a noisy realization, in place.
 
     Parameters
@@ -34,13 +36,17 @@ def add_photon_noise(signal: np.ndarray, rng: np.random.Generator) -> None:
         Expected electrons per pixel (float32); overwritten.
     rng : `numpy.random.Generator`
         Random source.
+    gaussian_above : `float`
+        Expected level (electrons) from which the noise is drawn Gaussian; `numpy.inf`
+        draws Poisson noise at every level (its skew, ``1/sqrt(mean)``, is what biases
+        mode-type background estimates; the Gaussian shortcut hides it).
 
     Notes
     -----
-    Gaussian with variance equal to the mean where the mean is >= 30 e-
+    Gaussian with variance equal to the mean where the mean is >= ``gaussian_above``
     (fast), Poisson below.
     """
-    low = signal < _GAUSS_POISSON_LIMIT
+    low = signal < gaussian_above
     expected_low = np.maximum(signal[low], 0.0) if low.any() else None
     noise = rng.standard_normal(signal.shape, dtype=np.float32)
     noise *= np.sqrt(np.maximum(signal, 0.0))

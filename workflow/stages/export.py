@@ -9,9 +9,13 @@ Idempotent: a dataset already in the run is skipped, dimension records are synce
 (created once), and on a file-based (SQLite) registry a lock file serialises the
 registry writes of concurrent exports on this node.
 
-Two modes (``export.mode``):
+Modes (``export.mode``):
 
-``direct`` (default)
+``auto`` (default)
+    ``direct`` when a plain Snakemake runs the workflow (a replay); the stream shim,
+    which runs the node's writer, turns ``batched`` on for its own Snakemakes
+    (`stream_shim.export_writer_child`).
+``direct``
     The stage opens the central repo and ``put``s its datasets itself.
 ``batched``
     The stage queues an export request in the node's spool (``export.spool_dir``)
@@ -61,17 +65,23 @@ OUTPUT_DATASET_TYPES: dict[str, str] = {
 """Per-detector-visit products the pipeline stage can write, with storage classes."""
 
 _DIMENSIONS = ("instrument", "visit", "detector")
-EXPORT_MODES = ("direct", "batched")
+EXPORT_MODES = ("auto", "direct", "batched")
 DEFAULT_SPOOL_DIR = "export-spool"
 """Spool of batched exports when ``export.spool_dir`` is unset (relative to the run directory)."""
 
 
 def export_mode(config: Mapping[str, Any]) -> str:
-    """Return ``export.mode`` (default ``direct``); raise `ConfigError` for another value."""
-    mode = str(config["export"].get("mode", "direct"))
+    """Return how this stage exports, ``direct`` or ``batched`` (``auto``, the default, is ``direct``).
+
+    Raises
+    ------
+    ConfigError
+        If ``export.mode`` is not one of `EXPORT_MODES`.
+    """
+    mode = str(config["export"].get("mode", "auto"))
     if mode not in EXPORT_MODES:
         raise ConfigError(f"export.mode: {mode!r} is not one of {', '.join(EXPORT_MODES)}")
-    return mode
+    return "direct" if mode == "auto" else mode
 
 
 def spool_dir(config: Mapping[str, Any]) -> Path:

@@ -6,9 +6,12 @@ until the wait window closes) or in the central repo (replay).  Each snap found 
 downloaded into the target's work area and its primary header is checked against
 the visit: instrument, group, detector, filter, rotation within 1 degree; its
 amplifiers must be present, of the detector's shape, with finite pixels
-(`workflow.stages.raw_checks`).  Transient S3 errors (`workflow.stages.transient_errors`)
-are counted, logged and ridden through until the wait window closes; only then does
-ingest give up, with a `RawTimeoutError` naming the last of them.
+(`workflow.stages.raw_checks`).  When the visit names no single filter (blank
+``filters`` means any), the raw's ``FILTER`` decides and ingest stages the flat and
+templates for it (`workflow.stages.prep.stage_filter_inputs`).  Transient S3 errors
+(`workflow.stages.transient_errors`) are counted, logged and ridden through until the
+wait window closes; only then does ingest give up, with a `RawTimeoutError` naming the
+last of them.
 """
 
 from __future__ import annotations
@@ -21,8 +24,10 @@ __all__ = [
     "RawMissingError",
     "FoundRaw",
     "wait_window_s",
+    "poll_interval",
     "RawFinder",
     "check_raw_header",
+    "raw_filter",
     "read_primary_header",
     "fetch_and_check",
     "raws_from_central_repo",
@@ -46,6 +51,7 @@ from workflow.core.exceptions import NonRetriableError, RetriableError
 from workflow.core.instrument import instrument_for_run
 from workflow.core.raw_keys import RawKeyLayout, sidecar_key
 from workflow.core.visit import DetectorVisit
+from workflow.stages.prep import prep_filter, stage_filter_inputs
 from workflow.stages.raw_checks import raw_problem
 from workflow.stages.records import StageRecord
 from workflow.stages.target import TargetPaths, load_target_visit, run_stage
@@ -157,6 +163,34 @@ def check_raw_header(header: Mapping[str, Any], visit: DetectorVisit, *, where: 
         )
         return False
     return True
+
+
+def raw_filter(header: Mapping[str, Any], config: Mapping[str, Any], *, where: str) -> str:
+    """Return the physical filter a raw was taken with, from its primary header.
+
+    Rubin's cameras write the physical filter as ``FILTER`` and its band as
+    ``FILTBAND``; HSC writes ``FILTER01``.  A band that contradicts the filter's
+    configured band is a mismatch.
+
+    Raises
+    ------
+    RawMismatchError
+        If the header names no filter, one the instrument does not have, or a
+        ``FILTBAND`` other than that filter's band.
+    """
+    physical_filter = header.get("FILTER", header.get("FILTER01"))
+    filters = {f["physical_filter"]: f["band"] for f in config["filters"]}
+    if physical_filter not in filters:
+        raise RawMismatchError(
+            f"{where}: header FILTER={physical_filter!r} is not a filter of {config['instrument']['name']} "
+            f"(expected one of {sorted(filters)}), and the visit names no single filter to use instead"
+        )
+    band = header.get("FILTBAND")
+    if band is not None and band != filters[physical_filter]:
+        raise RawMismatchError(
+            f"{where}: header FILTBAND={band!r} but FILTER={physical_filter!r} is band {filters[physical_filter]!r}"
+        )
+    return str(physical_filter)
 
 
 class RawFinder:
@@ -308,6 +342,15 @@ class RawFinder:
                     f"(bucket {self.bucket.name}, prefix {self.listing_prefix()!r}){self.errors.describe_last()}"
                 )
             sleep(min(poll_s, max(deadline - time.monotonic(), 0.0)))
+
+
+def poll_interval(settings: Mapping[str, Any], *, indexed: bool) -> float:
+    """Return the wait between looks for raws: short with the shim's arrival index (a local lookup).
+
+    Without the index each look lists the bucket, so it keeps ``poll_interval_s``.
+    """
+    poll_s = float(settings["poll_interval_s"])
+    return float(settings.get("index_poll_interval_s", poll_s)) if indexed else poll_s
 
 
 def _template_parts(template: str) -> list[tuple[str, str | None]]:
@@ -495,16 +538,22 @@ def run(*, visit: str, record: str, config: Mapping[str, Any], log: str | None =
             )
             expected = detector_visit.nimages or int(config["raw"]["snaps_per_visit"])
             window = wait_window_s(detector_visit, float(config["raw"]["image_timeout_s"]))
-            keys = finder.wait(expected, window, poll_s=float(config["ingest"]["poll_interval_s"]))
+            keys = finder.wait(
+                expected, window, poll_s=poll_interval(config["ingest"], indexed=finder.arrivals is not None)
+            )
             paths = fetch_and_check(bucket, keys, detector_visit, dest, geometry=geometry, errors=finder.errors)
             s3_errors = finder.errors.count
         with open(paths[0], "rb") as stream:
             header = read_primary_header(stream.read(2880 * 12), where=str(paths[0]))
-        return {
+        record = {
             "source": source,
             "raws": [str(p) for p in paths],
             "transient_s3_errors": s3_errors,
             "header": {k: header[k] for k in header if k not in ("COMMENT", "HISTORY", "")},
         }
+        if prep_filter(detector_visit) is None:  # prep left the flat and templates to the raw's filter
+            physical_filter = raw_filter(header, config, where=str(paths[0]))
+            record["filter_inputs"] = stage_filter_inputs(detector_visit, config, target.work_dir, physical_filter)
+        return record
 
     return run_stage("ingest", visit=visit, record=record, config=config, log=log, body=ingest)

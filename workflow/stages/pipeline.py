@@ -260,7 +260,15 @@ def load_processing_inputs(
     """
     geometry = instrument_for_run(config).geometry
     raws = _read_raws(ingest["raws"], geometry, visit)
-    calibs = prep["calibs"]
+    # A visit without a single filter: ingest staged the flat and templates for the raw's filter.
+    by_filter = ingest.get("filter_inputs") or {}
+    calibs = {**prep["calibs"], **by_filter.get("calibs", {})}
+    band = prep["band"] or by_filter.get("band")
+    if band is None:
+        raise NonRetriableError(
+            f"{visit.instrument} group {visit.groupId} detector {visit.detector}: no filter in the prep "
+            "manifest nor the ingest record"
+        )
     bias = bias_header = flat = defects = None
     if "bias" in calibs:
         bias, bias_header = _read_image(calibs["bias"]["path"])
@@ -269,7 +277,7 @@ def load_processing_inputs(
     if "defects" in calibs:
         defects = Table.read(calibs["defects"]["path"])
     templates = []
-    for entry in prep.get("templates", []):
+    for entry in [*prep.get("templates", []), *by_filter.get("templates", [])]:
         image, header = _read_image(entry["path"], "IMAGE")
         variance, _ = _read_image(entry["path"], "VARIANCE")
         data_id = entry.get("data_id", {})
@@ -280,7 +288,7 @@ def load_processing_inputs(
         raws,
         geometry,
         detector=visit.detector,
-        band=prep["band"],
+        band=band,
         bias=bias,
         bias_unit=str(bias_header.get("BUNIT", "adu")) if bias_header is not None else "adu",
         flat=flat,

@@ -5,11 +5,19 @@ refcat shards and template patches overlapping the predicted detector footprint
 (plus ``apdb.preload_padding_arcsec``).  Files go through the node cache (a second
 detector-visit of the same field fetches nothing) and are linked into the target's
 work area; the manifest written here is the next stages' map of them.
+
+The flat and the templates depend on the filter.  A next_visit names it in
+``filters``, but blank means any filter (the summit schema), and a list of several
+leaves the choice to the camera; then only the raw's header says which one was
+used.  So prep stages them only when the visit names exactly one filter
+(`prep_filter`); otherwise the manifest says ``physical_filter: null`` and ingest,
+which reads the raw's header, stages them with `stage_filter_inputs` (the pipeline
+stage merges both records).  Everything else prep does is filter-independent.
 """
 
 from __future__ import annotations
 
-__all__ = ["run", "CalibNotFoundError", "stage_inputs"]
+__all__ = ["run", "CalibNotFoundError", "prep_filter", "stage_filter_inputs", "stage_inputs"]
 
 import logging
 from collections.abc import Mapping
@@ -76,6 +84,80 @@ def _preload_apdb(
     return {**paths, "n_objects": len(loaded.objects), "n_sources": len(loaded.sources)}
 
 
+def prep_filter(visit: DetectorVisit) -> str | None:
+    """Return the physical filter prep stages for: the visit's only filter, else None.
+
+    None (a blank ``filters``, or several) means the raw's header decides, at ingest.
+    """
+    return visit.filter_list[0] if len(visit.filter_list) == 1 else None
+
+
+def _where(visit: DetectorVisit) -> str:
+    return f"{visit.instrument} group {visit.groupId} detector {visit.detector}"
+
+
+def stage_filter_inputs(
+    visit: DetectorVisit,
+    config: Mapping[str, Any],
+    work_dir: Path,
+    physical_filter: str,
+    *,
+    butler: Any = None,
+    cache: NodeCache | None = None,
+) -> dict[str, Any]:
+    """Stage what depends on the filter: the flat and the template patches.
+
+    Parameters
+    ----------
+    visit : `workflow.core.visit.DetectorVisit`
+        The detector-visit.
+    config : `~collections.abc.Mapping`
+        Merged configuration.
+    work_dir : `pathlib.Path`
+        The target's work area; files land under ``work_dir/inputs``.
+    physical_filter : `str`
+        The filter (the visit's, or the raw header's ``FILTER``).
+    butler, cache : optional
+        An open central-repo Butler and node cache to reuse.
+
+    Returns
+    -------
+    inputs : `dict`
+        ``physical_filter``, ``band``, ``calibs`` (``flat``) and ``templates``.
+
+    Raises
+    ------
+    CalibNotFoundError
+        If no flat for the filter is valid at the visit time, or the instrument
+        has no such filter.
+    """
+    instrument = instrument_for_run(config)
+    try:
+        band = instrument.band(physical_filter)
+    except KeyError as exc:
+        raise CalibNotFoundError(f"{_where(visit)}: {exc.args[0]}") from None
+    butler = butler if butler is not None else open_central_repo(config["central_repo"])
+    cache = cache if cache is not None else NodeCache(config["paths"]["cache"], int(config["cache"]["max_bytes"]))
+    when = Time(visit.private_sndStamp, format="unix_tai", scale="tai")
+    dest = work_dir / "inputs"
+    ref = find_calib(butler, visit.instrument, "flat", visit.detector, when, physical_filter=physical_filter)
+    if ref is None:
+        raise CalibNotFoundError(
+            f"{_where(visit)}: no flat for {physical_filter} certified at {when.isot} TAI in {visit.instrument}/calib"
+        )
+    region = instrument.detector_region(visit.detector, visit.ra, visit.dec, visit.cameraAngle)
+    padding = float(config["apdb"]["preload_padding_arcsec"])
+    refs = templates_overlapping(
+        butler, visit.instrument, config["skymap"]["name"], region, band, padding_arcsec=padding
+    )
+    return {
+        "physical_filter": physical_filter,
+        "band": band,
+        "calibs": {"flat": _stage_ref(butler, cache, ref, dest)},
+        "templates": [_stage_ref(butler, cache, t, dest) for t in refs],
+    }
+
+
 def stage_inputs(visit: DetectorVisit, config: Mapping[str, Any], work_dir: Path) -> dict[str, Any]:
     """Stage calibs, refcat shards and templates for one detector-visit.
 
@@ -93,60 +175,60 @@ def stage_inputs(visit: DetectorVisit, config: Mapping[str, Any], work_dir: Path
     manifest : `dict`
         ``calibs`` (bias, flat, defects), ``refcats`` and ``templates`` entries
         with local paths, plus the predicted footprint and cache statistics.
+        Without a single filter in the visit (`prep_filter`) there is no flat and
+        no template, and ``physical_filter`` and ``band`` are None: ingest stages
+        them for the raw's filter.
 
     Raises
     ------
     CalibNotFoundError
-        If no bias or flat is valid at the visit time.
+        If no bias, or no flat for the visit's filter, is valid at the visit time.
     """
     instrument = instrument_for_run(config)
     detector = instrument.detector(visit.detector)
-    physical_filter = visit.filter_list[0] if visit.filter_list else None
-    band = instrument.band(physical_filter) if physical_filter else None
     when = Time(visit.private_sndStamp, format="unix_tai", scale="tai")
     padding = float(config["apdb"]["preload_padding_arcsec"])
     region = instrument.detector_region(detector, visit.ra, visit.dec, visit.cameraAngle)
     butler = open_central_repo(config["central_repo"])
     cache = NodeCache(config["paths"]["cache"], int(config["cache"]["max_bytes"]))
     dest = work_dir / "inputs"
-    where = f"{visit.instrument} group {visit.groupId} detector {visit.detector}"
 
     calibs: dict[str, Any] = {}
-    for kind, needs_filter in (("bias", False), ("flat", True), ("defects", False)):
-        ref = find_calib(
-            butler, visit.instrument, kind, detector.id, when, physical_filter=physical_filter if needs_filter else None
-        )
+    for kind in ("bias", "defects"):
+        ref = find_calib(butler, visit.instrument, kind, detector.id, when)
         if ref is None:
             if kind == "defects":
                 continue
             raise CalibNotFoundError(
-                f"{where}: no {kind}{' for ' + str(physical_filter) if needs_filter else ''} "
-                f"certified at {when.isot} TAI in {visit.instrument}/calib"
+                f"{_where(visit)}: no {kind} certified at {when.isot} TAI in {visit.instrument}/calib"
             )
         calibs[kind] = _stage_ref(butler, cache, ref, dest)
     refcats = [_stage_ref(butler, cache, ref, dest) for ref in refcat_shards_overlapping(butler, region)]
-    templates = []
-    if band is not None:
-        refs = templates_overlapping(
-            butler, visit.instrument, config["skymap"]["name"], region, band, padding_arcsec=padding
+    physical_filter = prep_filter(visit)
+    by_filter: dict[str, Any] = {"physical_filter": None, "band": None, "calibs": {}, "templates": []}
+    if physical_filter is not None:
+        by_filter = stage_filter_inputs(visit, config, work_dir, physical_filter, butler=butler, cache=cache)
+    else:
+        _log.info(
+            "%s: filters %r name no single filter; flat and templates follow the raw", _where(visit), visit.filters
         )
-        templates = [_stage_ref(butler, cache, ref, dest) for ref in refs]
+    calibs.update(by_filter["calibs"])
     preload = _preload_apdb(visit, config, instrument, when, padding, dest)
     _log.info(
         "%s: staged %d calibs, %d refcat shards, %d template patches (cache hits %d, misses %d)",
-        where,
+        _where(visit),
         len(calibs),
         len(refcats),
-        len(templates),
+        len(by_filter["templates"]),
         cache.stats.hits,
         cache.stats.misses,
     )
     return {
         "calibs": calibs,
         "refcats": refcats,
-        "templates": templates,
-        "physical_filter": physical_filter,
-        "band": band,
+        "templates": by_filter["templates"],
+        "physical_filter": by_filter["physical_filter"],
+        "band": by_filter["band"],
         "preload": preload,
         "cache": {"hits": cache.stats.hits, "misses": cache.stats.misses, "evicted": cache.stats.evicted},
     }

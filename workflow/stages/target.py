@@ -9,7 +9,11 @@ Paths (relative to the run directory, from the ``paths`` config section)::
 
 Every stage runs inside `stage`, which times it and, when it fails, writes
 ``failed.json`` with the error class and whether a retry may help, so a summary can
-count outcomes without parsing logs.
+count outcomes without parsing logs.  Prep and ingest run side by side, so two stages
+of one attempt can fail: the first failure is the cause (prep's failure, not the
+timeout ingest reaches later), and a failure stands when ``failed.json`` was written
+after the failing stage started.  An older ``failed.json`` (an earlier attempt's) is
+replaced.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ import logging
 import os
 import resource
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -199,6 +204,7 @@ def stage(target: TargetPaths, name: str) -> Iterator[StageTime]:
     target's chain).
     """
     context = {"instrument": target.instrument, "group": target.group, "detector": target.detector}
+    started = time.time()
     try:
         with timed(name, **context) as record:
             yield record
@@ -212,7 +218,7 @@ def stage(target: TargetPaths, name: str) -> Iterator[StageTime]:
             detector=target.detector,
             seconds=round(record.wall_s, 3),
         )
-        write_record(target.failed_file, failure)
+        _record_first_failure(target.failed_file, failure, started)
         _log.error(
             "%s failed for %s group %s detector %s: %s: %s",
             name,
@@ -223,6 +229,37 @@ def stage(target: TargetPaths, name: str) -> Iterator[StageTime]:
             exc,
         )
         raise
+
+
+def _record_first_failure(path: Path, failure: FailedRecord, started: float) -> None:
+    """Write ``failed.json`` unless a stage of the same attempt failed first.
+
+    A ``failed.json`` modified after ``started`` was written by a stage running
+    beside this one (prep beside ingest): its error came first and is the cause.
+    The check and the write hold a lock on the result directory, so two stages
+    failing at once keep exactly one record.
+    """
+    import fcntl
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            earlier = path.stat().st_mtime >= started
+        except FileNotFoundError:
+            earlier = False
+        if earlier:
+            _log.info(
+                "%s: %s failed after an earlier failure of this attempt; %s keeps that cause",
+                path.parent,
+                failure.stage,
+                path.name,
+            )
+            return
+        write_record(path, failure)
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def _usage_since(start: resource.struct_rusage, wall_s: float) -> StageResources:

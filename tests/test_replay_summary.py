@@ -1,0 +1,54 @@
+"""Tests for ``scripts/replay.py``'s summary: it counts the run's own targets only."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+
+from workflow.core.config import PROJECT_ROOT
+from workflow.stages.records import DoneRecord, FailedRecord, write_record
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("replay_script", PROJECT_ROOT / "scripts" / "replay.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _target(root, group: str, detector: int):
+    return root / "results" / "LSSTComCamSim" / "2025-01-09" / group / str(detector) / "done.json"
+
+
+def test_run_outcomes_reads_only_the_given_targets(tmp_path) -> None:
+    script = _script()
+    mine_ok, mine_failed, mine_missing, other = (
+        _target(tmp_path, "g1", 0),
+        _target(tmp_path, "g1", 1),
+        _target(tmp_path, "g1", 2),
+        _target(tmp_path, "g0", 0),
+    )
+    ids = {"instrument": "LSSTComCamSim", "day_obs": "2025-01-09", "group": "g1"}
+    write_record(mine_ok, DoneRecord(**ids, detector=0, outcome="ok", pipeline="ApPipe"))
+    write_record(
+        mine_failed.with_name("failed.json"),
+        FailedRecord(**ids, detector=1, stage="ingest", error="E", retriable=True, message="m"),
+    )
+    write_record(other, DoneRecord(**{**ids, "group": "g0"}, detector=0, outcome="ok", pipeline="ApPipe"))
+    records, missing = script.run_outcomes([mine_ok, mine_failed, mine_missing])
+    assert sorted((r.group, r.detector, r.outcome) for r in records) == [("g1", 0, "ok"), ("g1", 1, "failed")]
+    assert missing == [mine_missing]
+
+
+def test_a_run_that_replayed_nothing_says_so(tmp_path, monkeypatch, caplog) -> None:
+    """results/ holds another run's outcome; a replay with no visits must not summarize it."""
+    script = _script()
+    ids = {"instrument": "LSSTComCamSim", "day_obs": "2025-01-09", "group": "g0"}
+    write_record(_target(tmp_path, "g0", 0), DoneRecord(**ids, detector=0, outcome="ok", pipeline="ApPipe"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(script, "replay", lambda config, **kwargs: [])
+    monkeypatch.setattr(script, "configure_logging", lambda *args, **kwargs: None)
+    with caplog.at_level(logging.INFO, logger="replay"):
+        assert script.main(["--instrument", "LSSTComCamSim"]) == 0
+    assert "nothing replayed" in caplog.text and "targets:" not in caplog.text
