@@ -52,3 +52,30 @@ def test_a_run_that_replayed_nothing_says_so(tmp_path, monkeypatch, caplog) -> N
     with caplog.at_level(logging.INFO, logger="replay"):
         assert script.main(["--instrument", "LSSTComCamSim"]) == 0
     assert "nothing replayed" in caplog.text and "targets:" not in caplog.text
+
+
+def test_targets_a_run_left_without_an_outcome_are_failed_as_no_outcome(tmp_path, monkeypatch) -> None:
+    from workflow.runtime.replay import NO_OUTCOME, fail_targets_without_outcome
+    from workflow.runtime.snakemake_runner import has_remote_outputs
+    from workflow.stages.records import read_failed
+    from workflow.stages.target import TargetPaths
+
+    monkeypatch.chdir(tmp_path)  # target paths are relative to the run directory
+    done, failed, killed = (TargetPaths("LSSTComCamSim", "2026-12-01", "g1", d) for d in (0, 1, 2))
+    ids = {"instrument": "LSSTComCamSim", "day_obs": "2026-12-01", "group": "g1"}
+    write_record(done.done_file, DoneRecord(**ids, detector=0, outcome="ok", pipeline="ApPipe"))
+    write_record(
+        failed.failed_file,
+        FailedRecord(**ids, detector=1, stage="ingest", error="RawMissingError", retriable=True, message="m"),
+    )
+    left = fail_targets_without_outcome([done, failed, killed], returncode=1, log_file="logs/replay/b.log")
+    assert left == [killed]
+    record = read_failed(killed.failed_file)
+    assert record.error == NO_OUTCOME and record.retriable is True and record.stage == "snakemake"
+    assert "detector 2" in record.message and "logs/replay/b.log" in record.message
+    assert not done.failed_file.exists()  # a target with an outcome keeps it
+    assert read_failed(failed.failed_file).error == "RawMissingError"
+    # Nothing left to explain: a second look writes nothing.
+    assert fail_targets_without_outcome([done, failed, killed], returncode=1, log_file="x") == []
+    # With S3 default storage the outcome files are not local: replay does not look for them here.
+    assert has_remote_outputs("profiles/k8s") and not has_remote_outputs("profiles/slurm")

@@ -29,6 +29,7 @@ from workflow.core.config import PROJECT_ROOT, instrument_config_path, load_conf
 from workflow.outcomes.summary import collect_outcomes
 from workflow.repo.central_repo import open_central_repo, raw_collection
 from workflow.sim.demo_repo import build_demo_repo
+from workflow.stages.records import read_failed
 
 INSTRUMENT = "LSSTComCamSim"
 SCALE = 0.25
@@ -180,8 +181,11 @@ def test_slurmctld_unreachable_fails_its_targets(
     result = replay_run.replay()
     assert result.returncode == 1, result.stderr[-3000:]
     # No job reached the (real) controller; the batch ends with the group failed.  The
-    # executor's own sbatch message does not reach Snakemake's log for a group job, and
-    # nothing writes a failed.json for a scheduler failure (docs/slurm.md).
+    # executor's own sbatch message does not reach Snakemake's log for a group job, so
+    # replay classifies the target it left without an outcome (docs/slurm.md).
     assert slurm_cluster.command("squeue", "--states=all", "--noheader", "--format=%i").stdout.split() == jobs_before
     assert "Error in group detector_visit" in replay_run.snakemake_log().rsplit("SLURM run ID", 1)[1]
-    assert not done.exists() and not (done.parent / "failed.json").exists()
+    assert not done.exists()
+    failed = read_failed(done.parent / "failed.json")
+    assert failed.error == "NoOutcome" and failed.retriable is True and failed.stage == "snakemake"
+    assert f"detector {failed.detector}" in failed.message and "batch-" in failed.message

@@ -8,7 +8,7 @@ raws from the central repo.
 
 from __future__ import annotations
 
-__all__ = ["visit_from_exposure", "write_visit_files", "replay"]
+__all__ = ["NO_OUTCOME", "fail_targets_without_outcome", "visit_from_exposure", "write_visit_files", "replay"]
 
 import contextlib
 import logging
@@ -102,7 +102,7 @@ def replay(
     from workflow.core.instrument import instrument_for_run
     from workflow.repo.central_repo import open_central_repo
     from workflow.repo.queries import past_exposures
-    from workflow.runtime.snakemake_runner import run_snakemake
+    from workflow.runtime.snakemake_runner import has_remote_outputs, run_snakemake
     from workflow.runtime.versions import check_startup
 
     # refuse an unsupported APDB, dimension universe or alert schema before writing anything
@@ -118,6 +118,7 @@ def replay(
             continue
         detectors = [ref.dataId["detector"] for ref in exposure.raws if ref.dataId["detector"] in active]
         visits[group] = write_visit_files(config, visit_from_exposure(exposure.record, name), detectors)
+    remote_outputs = has_remote_outputs(profile)
     override = Path(config["paths"]["work"]) / "replay-override.yaml"
     write_json(override, {"ingest": {"source": "central_repo", "poll_interval_s": 0.5}})
     groups = list(visits)
@@ -147,6 +148,20 @@ def replay(
                 log_file=log_file,
             )
         finished_before += len(paths)
+        # Outcome files on a remote default storage are the shim's store's business, not looked at here.
+        missing = (
+            []
+            if remote_outputs
+            else fail_targets_without_outcome(paths, returncode=result.returncode, log_file=log_file)
+        )
+        if missing:
+            _log.error(
+                "replay batch %d: %d target(s) ended without an outcome (their jobs failed outside a stage: "
+                "killed by the scheduler, a time limit, a lost node?); failed.json written as NoOutcome; see %s",
+                number,
+                len(missing),
+                log_file,
+            )
         bar.n = finished_before
         bar.refresh()
         batches.append(
@@ -168,6 +183,60 @@ def replay(
         )
     bar.close()
     return batches
+
+
+NO_OUTCOME = "NoOutcome"
+"""Error class of a target whose run ended with neither ``done.json`` nor ``failed.json``."""
+
+
+def fail_targets_without_outcome(
+    paths: Sequence[TargetPaths], *, returncode: int, log_file: str | Path
+) -> list[TargetPaths]:
+    """Write ``failed.json`` (``NoOutcome``, retriable) for the targets a finished run left without an outcome.
+
+    A job that dies outside a stage (a batch scheduler's ``scancel`` or time limit, a
+    drained node, an OOM kill of the job step) writes no outcome file, so without this
+    the target would be neither done nor failed: not counted, not explained.  A rerun
+    runs it again (Snakemake's target is ``done.json``), and the finish stage then
+    removes this record.
+
+    Parameters
+    ----------
+    paths : sequence of `workflow.stages.target.TargetPaths`
+        The run's targets.
+    returncode : `int`
+        Snakemake's exit status (in the message).
+    log_file : `str` or `pathlib.Path`
+        Snakemake's log (in the message).
+
+    Returns
+    -------
+    failed : `list` [`workflow.stages.target.TargetPaths`]
+        The targets given a ``NoOutcome`` record.
+    """
+    from workflow.stages.records import FailedRecord, write_record
+
+    failed = []
+    for target in paths:
+        if target.done_file.exists() or target.failed_file.exists():
+            continue
+        record = FailedRecord(
+            error=NO_OUTCOME,
+            retriable=True,
+            message=(
+                f"{target.instrument} group {target.group} detector {target.detector}: Snakemake exited "
+                f"{returncode} with no outcome for this target: its job ended outside a stage (killed by "
+                f"the scheduler, a time limit, a lost node, an out-of-memory kill?); see {log_file}"
+            ),
+            stage="snakemake",
+            instrument=target.instrument,
+            day_obs=target.day_obs,
+            group=target.group,
+            detector=target.detector,
+        )
+        write_record(target.failed_file, record)
+        failed.append(target)
+    return failed
 
 
 class _OutcomeWatcher:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "SnakemakeRun",
+    "has_remote_outputs",
     "is_kubernetes_profile",
     "resolve_profile",
     "run_snakemake",
@@ -52,6 +53,12 @@ def is_kubernetes_profile(profile: str | Path) -> bool:
     """
     settings = load_yaml(resolve_profile(profile) / "config.yaml")
     return settings.get("executor") == "kubernetes"
+
+
+def has_remote_outputs(profile: str | Path) -> bool:
+    """Return whether a profile keeps the workflow's files on a remote default storage (S3), not here."""
+    settings = load_yaml(resolve_profile(profile) / "config.yaml")
+    return settings.get("default-storage-provider") is not None
 
 
 def snakemake_entry(profile: str | Path) -> list[str]:
