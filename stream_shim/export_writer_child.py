@@ -16,10 +16,12 @@ idempotent).
 
 from __future__ import annotations
 
-__all__ = ["ExportWriterChild", "live_export_overrides", "wants_export_writer"]
+__all__ = ["ExportWriterChild", "adopt_orphaned_requests", "live_export_overrides", "wants_export_writer"]
 
+import fcntl
 import json
 import logging
+import os
 import subprocess
 import sys
 import threading
@@ -66,6 +68,51 @@ def live_export_overrides(state_dir: str | Path, spool: str | Path | None = None
     if not path.exists() or path.read_text() != text:
         path.write_text(text)
     return path
+
+
+def adopt_orphaned_requests(state_dir: Path, spool: Path, spool_name: str = "export-spool") -> int:
+    """Move the pending export requests of dead siblings' spools into ``spool``; return how many.
+
+    Pool workers keep their spools under their own state directories
+    (``<run>/workers/<pod>/export-spool``).  A worker killed with requests pending
+    (their targets already done, their work items committed) would leave them to
+    nobody: a starting worker takes them over.  A sibling is dead when its state
+    directory's lock (`stream_shim.state_lock`) is free; the lock is held while its
+    requests move, so it cannot start meanwhile.  Each request's files move before
+    its request file, so an interrupted move is finished by the next adoption.
+
+    Parameters
+    ----------
+    state_dir : `pathlib.Path`
+        This process's state directory; its siblings are the other directories beside it.
+    spool : `pathlib.Path`
+        This process's spool.
+    spool_name : `str`, optional
+        The spool's directory name inside a sibling's state directory.
+    """
+    adopted = 0
+    for sibling in sorted(p for p in state_dir.parent.iterdir() if p.is_dir() and p != state_dir):
+        pending = sibling / spool_name / "pending"
+        lock_path = sibling / "lock"
+        if not pending.is_dir() or not lock_path.exists() or not any(pending.glob("*.json")):
+            continue
+        with open(lock_path, "a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # alive: its own writer drains it
+            moved = 0
+            for request in sorted(pending.glob("*.json")):
+                files = sibling / spool_name / "files" / request.stem
+                (spool / "files").mkdir(parents=True, exist_ok=True)
+                (spool / "pending").mkdir(parents=True, exist_ok=True)
+                if files.exists():
+                    os.replace(files, spool / "files" / request.stem)
+                os.replace(request, spool / "pending" / request.name)
+                moved += 1
+        adopted += moved
+        _log.warning("took over %d pending export request(s) of the stopped %s", moved, sibling)
+    return adopted
 
 
 class ExportWriterChild(threading.Thread):

@@ -32,7 +32,12 @@ from typing import IO, Any
 from stream_shim.backends import Backend, StreamingBackend, SubprocessPoolBackend
 from stream_shim.bridge import bridge_for_config
 from stream_shim.consumer import ConsumeLoop, NextVisitHandler, consumer_settings
-from stream_shim.export_writer_child import ExportWriterChild, live_export_overrides, wants_export_writer
+from stream_shim.export_writer_child import (
+    ExportWriterChild,
+    adopt_orphaned_requests,
+    live_export_overrides,
+    wants_export_writer,
+)
 from stream_shim.health import run_health_checks
 from stream_shim.journal import AcceptedVisit, VisitJournal
 from stream_shim.process_group import ChildRegistry
@@ -206,6 +211,10 @@ class StreamShim:
         own = self._own_export_spool()
         self._live_configfiles = [live_export_overrides(self.state_dir, own)]
         spool = own or spool_dir(self.config)
+        if own is not None:  # a pool worker: what a dead sibling left pending is ours to commit
+            adopted = adopt_orphaned_requests(self.state_dir, own)
+            if adopted:
+                self.status.count("export_writer", "adopted", adopted)
         self.export_writer = ExportWriterChild(
             self._configfiles(),
             workdir=self.workdir,

@@ -121,3 +121,29 @@ def test_the_stop_is_bounded_when_the_writer_cannot_commit(tmp_path):
         pass
     else:
         raise AssertionError(f"writer {pid} still running")
+
+
+def test_a_starting_worker_takes_over_the_requests_a_dead_sibling_left_pending(tmp_path):
+    from stream_shim.export_writer_child import adopt_orphaned_requests
+    from stream_shim.state_lock import take_state_lock
+
+    workers = tmp_path / "workers"
+    me, dead, alive = workers / "w-new", workers / "w-dead", workers / "w-alive"
+    for sibling, rid in ((dead, "r1"), (alive, "r2")):
+        (sibling / "export-spool" / "pending").mkdir(parents=True)
+        (sibling / "export-spool" / "files" / rid).mkdir(parents=True)
+        (sibling / "export-spool" / "files" / rid / "calexp.fits").write_bytes(b"pixels")
+        (sibling / "export-spool" / "pending" / f"{rid}.json").write_text("{}")
+    take_state_lock(dead, "worker").close()  # ran once, then died: its lock file exists, nobody holds it
+    held = take_state_lock(alive, "worker")
+    try:
+        own = me / "export-spool"
+        assert adopt_orphaned_requests(me, own) == 1
+        assert (own / "pending" / "r1.json").exists()
+        assert (own / "files" / "r1" / "calexp.fits").read_bytes() == b"pixels"
+        assert not list((dead / "export-spool" / "pending").iterdir())
+        # The live sibling keeps its own; a second look adopts nothing more.
+        assert (alive / "export-spool" / "pending" / "r2.json").exists()
+        assert adopt_orphaned_requests(me, own) == 0
+    finally:
+        held.close()
