@@ -34,6 +34,7 @@ from stream_shim.process_group import ChildRegistry, spawn, stop_group
 from stream_shim.status import ShimStatus
 from workflow.core.config import PROJECT_ROOT
 from workflow.repo.export_batch import pending_requests
+from workflow.stages.export import configured_export_mode
 
 _log = logging.getLogger(__name__)
 
@@ -47,8 +48,7 @@ def wants_export_writer(config: Mapping[str, Any], *, local_store: bool) -> bool
     With S3 default storage (``profiles/k8s``) each Job's spool would be its own pod's
     disk, which no writer sees: those exports stay direct.
     """
-    mode = str(config["export"].get("mode", "auto"))
-    return local_store and mode in ("auto", "batched")
+    return local_store and configured_export_mode(config) in ("auto", "batched")
 
 
 def live_export_overrides(state_dir: str | Path, spool: str | Path | None = None) -> Path:

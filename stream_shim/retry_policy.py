@@ -17,10 +17,7 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
-from workflow.stages.records import FailedRecord
-
-NO_OUTCOME = "NoOutcome"
-"""Error class the submitter gives a target whose run ended without an outcome file."""
+from workflow.stages.records import NO_OUTCOME, FailedRecord
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

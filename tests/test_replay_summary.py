@@ -55,9 +55,9 @@ def test_a_run_that_replayed_nothing_says_so(tmp_path, monkeypatch, caplog) -> N
 
 
 def test_targets_a_run_left_without_an_outcome_are_failed_as_no_outcome(tmp_path, monkeypatch) -> None:
-    from workflow.runtime.replay import NO_OUTCOME, fail_targets_without_outcome
+    from workflow.runtime.replay import fail_targets_without_outcome
     from workflow.runtime.snakemake_runner import has_remote_outputs
-    from workflow.stages.records import read_failed
+    from workflow.stages.records import NO_OUTCOME, read_failed
     from workflow.stages.target import TargetPaths
 
     monkeypatch.chdir(tmp_path)  # target paths are relative to the run directory

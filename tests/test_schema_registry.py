@@ -23,6 +23,7 @@ from typing import Any
 
 import fastavro
 import pytest
+from test_visit import SND_STAMP, make_fields
 
 from stream_shim.consumer import VisitGate
 from stream_shim.status import ShimStatus
@@ -40,34 +41,15 @@ from workflow.core.schema_registry import (
 )
 from workflow.core.visit import NextVisit, decode_next_visit
 
-SND_STAMP = 1748746800.0  # 2025-06-01T03:00:00 TAI
 INSTRUMENT = "LSSTComCamSim"
 SHIPPED = json.loads((PROJECT_ROOT / "workflow" / "data" / "next_visit.1.avsc").read_text())
 WHERE = {"topic": "next-visit-test", "partition": 3, "offset": 41}
 
 
 def _fields(**changes: Any) -> dict[str, Any]:
-    fields: dict[str, Any] = {
-        "salIndex": 1,
-        "scriptSalIndex": 100017,
-        "instrument": INSTRUMENT,
-        "groupId": "2025-06-01T03:00:20.000",
-        "coordinateSystem": 2,
-        "position": [150.25, -30.5],
-        "startTime": SND_STAMP + 20.0,
-        "rotationSystem": 2,
-        "cameraAngle": 12.5,
-        "filters": "r_03",
-        "dome": 2,
-        "duration": 36.0,
-        "nimages": 1,
-        "survey": "BLOCK-365",
-        "totalCheckpoints": 3,
-        "private_sndStamp": SND_STAMP,
-        "private_efdStamp": SND_STAMP - 36.5,
-        "private_seqNum": 42,
-    }
-    return fields | changes
+    # test_visit's summit fields, with the two the Avro schema has beyond the JSON form's
+    base = {"private_efdStamp": SND_STAMP - 36.5, "private_seqNum": 42}
+    return make_fields(instrument=INSTRUMENT, filters="r_03", **(base | changes))
 
 
 def _evolved(kind: str) -> dict[str, Any]:

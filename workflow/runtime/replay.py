@@ -8,7 +8,7 @@ raws from the central repo.
 
 from __future__ import annotations
 
-__all__ = ["NO_OUTCOME", "fail_targets_without_outcome", "visit_from_exposure", "write_visit_files", "replay"]
+__all__ = ["fail_targets_without_outcome", "visit_from_exposure", "write_visit_files", "replay"]
 
 import contextlib
 import logging
@@ -185,10 +185,6 @@ def replay(
     return batches
 
 
-NO_OUTCOME = "NoOutcome"
-"""Error class of a target whose run ended with neither ``done.json`` nor ``failed.json``."""
-
-
 def fail_targets_without_outcome(
     paths: Sequence[TargetPaths], *, returncode: int, log_file: str | Path
 ) -> list[TargetPaths]:
@@ -214,7 +210,7 @@ def fail_targets_without_outcome(
     failed : `list` [`workflow.stages.target.TargetPaths`]
         The targets given a ``NoOutcome`` record.
     """
-    from workflow.stages.records import FailedRecord, write_record
+    from workflow.stages.records import NO_OUTCOME, FailedRecord, write_record
 
     failed = []
     for target in paths:

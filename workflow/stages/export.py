@@ -35,6 +35,7 @@ __all__ = [
     "output_chain",
     "select_outputs",
     "export_outputs",
+    "configured_export_mode",
     "export_mode",
     "spool_dir",
 ]
@@ -70,6 +71,14 @@ DEFAULT_SPOOL_DIR = "export-spool"
 """Spool of batched exports when ``export.spool_dir`` is unset (relative to the run directory)."""
 
 
+def configured_export_mode(config: Mapping[str, Any]) -> str:
+    """Return ``export.mode`` as configured (default ``auto``); raise `ConfigError` for another value."""
+    mode = str(config["export"].get("mode", "auto"))
+    if mode not in EXPORT_MODES:
+        raise ConfigError(f"export.mode: {mode!r} is not one of {', '.join(EXPORT_MODES)}")
+    return mode
+
+
 def export_mode(config: Mapping[str, Any]) -> str:
     """Return how this stage exports, ``direct`` or ``batched`` (``auto``, the default, is ``direct``).
 
@@ -78,9 +87,7 @@ def export_mode(config: Mapping[str, Any]) -> str:
     ConfigError
         If ``export.mode`` is not one of `EXPORT_MODES`.
     """
-    mode = str(config["export"].get("mode", "auto"))
-    if mode not in EXPORT_MODES:
-        raise ConfigError(f"export.mode: {mode!r} is not one of {', '.join(EXPORT_MODES)}")
+    mode = configured_export_mode(config)
     return "direct" if mode == "auto" else mode
 
 

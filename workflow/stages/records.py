@@ -15,6 +15,7 @@ A file written by another version of this module (or by hand) is refused with a
 from __future__ import annotations
 
 __all__ = [
+    "NO_OUTCOME",
     "RECORD_SCHEMA_VERSION",
     "DoneRecord",
     "FailedRecord",
@@ -41,6 +42,10 @@ from workflow.core.exceptions import NonRetriableError
 
 RECORD_SCHEMA_VERSION = 1
 """Version of the three record layouts; bump it when a field changes meaning."""
+
+NO_OUTCOME = "NoOutcome"
+"""Error class of a target whose run ended with neither ``done.json`` nor ``failed.json``
+(its job was killed or failed outside a stage); given by the shim's submitter and by replay."""
 
 
 class RecordFormatError(NonRetriableError, ValueError):
